@@ -1,0 +1,1 @@
+"""Shared numerics: pure functions (no nn.Module) used by qat, float8 and optim."""
