@@ -1,0 +1,111 @@
+"""Named Llama-architecture presets built from torchtune components.
+
+``tiny`` trains on two CPU cores in minutes; ``small_150m`` is a ~170M-parameter Llama-shaped model for
+CPU inference benchmarks (random weights are fine for speed); the ``llama3_*`` presets are the real
+shapes, to be filled from a local Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.modules import TransformerDecoder
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of a Llama-architecture decoder (the arguments of torchtune's ``llama3_2`` builder).
+
+    ``family`` picks the builder: ``llama3_2`` (RoPE scale factor 32, optional tied embeddings) or
+    ``llama3_1`` (scale factor 8, untied output head).
+    """
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int
+    rope_base: int = 500_000
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    family: str = "llama3_2"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model argument(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # ~3.7M parameters; vocab matches the tokenizer lowbit trains on its generated corpus.
+    "tiny": ModelArgs(
+        vocab_size=2048, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256,
+        intermediate_dim=768, max_seq_len=512,
+    ),
+    # ~170M parameters, Llama-shaped, for CPU decode/prefill throughput benchmarks.
+    "small_150m": ModelArgs(
+        vocab_size=32_000, num_layers=12, num_heads=16, num_kv_heads=4, embed_dim=1024,
+        intermediate_dim=2816, max_seq_len=2048,
+    ),
+    "llama3_2_1b": ModelArgs(
+        vocab_size=128_256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
+        intermediate_dim=8192, max_seq_len=131_072,
+    ),
+    "llama3_2_3b": ModelArgs(
+        vocab_size=128_256, num_layers=28, num_heads=24, num_kv_heads=8, embed_dim=3072,
+        intermediate_dim=8192, max_seq_len=131_072,
+    ),
+    "llama3_1_8b": ModelArgs(
+        vocab_size=128_256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
+        intermediate_dim=14_336, max_seq_len=131_072, tie_word_embeddings=False, family="llama3_1",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelArgs:
+    """The :class:`ModelArgs` of a named preset; raises ``KeyError`` listing the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+def build_model(preset: str | ModelArgs, **overrides) -> TransformerDecoder:
+    """Build a torchtune ``TransformerDecoder`` from a preset name or :class:`ModelArgs`.
+
+    ``overrides`` replace fields of the preset (e.g. ``max_seq_len=256``). Weights are freshly
+    initialised in the default dtype on the current default device (use ``torch.device("meta")``
+    as a context manager to build without memory).
+    """
+    args = get_preset(preset) if isinstance(preset, str) else preset
+    if overrides:
+        args = dataclasses.replace(args, **overrides)
+    common = dict(
+        vocab_size=args.vocab_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads, embed_dim=args.embed_dim, max_seq_len=args.max_seq_len,
+        intermediate_dim=args.intermediate_dim, rope_base=args.rope_base, norm_eps=args.norm_eps,
+    )
+    if args.family == "llama3_2":
+        return llama3_2(**common, tie_word_embeddings=args.tie_word_embeddings)
+    if args.family == "llama3_1":
+        if args.tie_word_embeddings:
+            raise ValueError("family 'llama3_1' has an untied output head; set tie_word_embeddings=False")
+        return llama3_1(**common)
+    raise ValueError(f"unknown model family {args.family!r}; expected 'llama3_2' or 'llama3_1'")
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
