@@ -1,0 +1,129 @@
+"""QAT schemes: one per CPU inference target (torchao 0.14.1 ``quantize_`` configs).
+
+Each scheme knows the inference config it simulates, which layers it can quantize (``fits``) and
+how its fake-quant numerics are parametrised (weight bits / granularity / activation quant).
+
+| name    | torchao config                                                               |
+|---------|------------------------------------------------------------------------------|
+| 8da4w   | Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, PerGroup(g)) |
+| 4w      | Int4WeightOnlyConfig(group_size=g, int4_packing_format="opaque")            |
+| 8w      | Int8WeightOnlyConfig()                                                       |
+| 8da8w   | Int8DynamicActivationInt8WeightConfig()                                      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Group sizes the torchao CPU kernels accept (Int4OpaqueTensor asserts 32/64/128).
+_INT4_OPAQUE_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A QAT scheme.
+
+    Attributes:
+        name: ``"8da4w" | "4w" | "8w" | "8da8w"``.
+        group_size: weight group size along ``in_features`` (None = per output channel).
+        weight_bits: 4 or 8.
+        weight_symmetric: int4/int8 symmetric (``8da4w``, ``8w``, ``8da8w``) or uint4 asymmetric
+            tinygemm-style (``4w``).
+        activation: ``None`` (weight-only), ``"int8_asym_per_token"`` or ``"int8_sym_per_token"``.
+    """
+
+    name: str
+    group_size: int | None
+    weight_bits: int
+    weight_symmetric: bool
+    activation: str | None
+
+    def inference_config(self):
+        """The torchao 0.14.1 ``quantize_`` config this scheme simulates (CPU inference)."""
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8DynamicActivationIntxWeightConfig,
+            Int8WeightOnlyConfig,
+        )
+        from torchao.quantization.granularity import PerGroup
+
+        if self.name == "8da4w":
+            return Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(self.group_size)
+            )
+        if self.name == "4w":
+            return Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="opaque")
+        if self.name == "8w":
+            return Int8WeightOnlyConfig()
+        if self.name == "8da8w":
+            return Int8DynamicActivationInt8WeightConfig()
+        raise AssertionError(self.name)
+
+    def fits(self, module: nn.Module) -> bool:
+        """Whether ``quantize_`` with this scheme's config quantizes ``module`` (a Linear).
+
+        Layers that do not fit stay in float (prepare logs them) instead of half-quantized.
+        """
+        if not isinstance(module, nn.Linear):
+            return False
+        in_features = module.in_features
+        if self.name == "8da8w":
+            # torchao skips in_features <= 16 for this config (kept float)
+            return in_features > 16
+        if self.group_size is not None:
+            return in_features % self.group_size == 0
+        return True
+
+    def fits_embedding(self, module: nn.Module) -> bool:
+        """Whether an ``nn.Embedding`` can be weight-fake-quantized per group with this scheme."""
+        if not isinstance(module, nn.Embedding):
+            return False
+        g = self.group_size
+        return g is None or module.embedding_dim % g == 0
+
+
+_DEFAULT_GROUP_SIZE = {"8da4w": 32, "4w": 128, "8w": None, "8da8w": None}
+SCHEMES: tuple[str, ...] = tuple(_DEFAULT_GROUP_SIZE)
+
+
+def get_scheme(name: str, group_size: int | None = None) -> Scheme:
+    """Return the :class:`Scheme` called ``name``.
+
+    Args:
+        name: one of ``SCHEMES`` (``"8da4w"``, ``"4w"``, ``"8w"``, ``"8da8w"``).
+        group_size: weight group size for ``8da4w`` (positive power of two, default 32) and ``4w``
+            (32, 64 or 128, default 128). ``8w`` / ``8da8w`` are per-channel and reject a group size.
+
+    Raises:
+        ValueError: unknown ``name`` or a ``group_size`` the scheme / its kernel cannot use.
+    """
+    if name not in _DEFAULT_GROUP_SIZE:
+        raise ValueError(f"unknown QAT scheme {name!r}; expected one of {list(SCHEMES)}")
+    if _DEFAULT_GROUP_SIZE[name] is None:
+        if group_size is not None:
+            raise ValueError(
+                f"scheme {name!r} quantizes weights per output channel; group_size must be None, "
+                f"got {group_size!r}"
+            )
+        return Scheme(name, None, 8, True, "int8_sym_per_token" if name == "8da8w" else None)
+    if group_size is None:
+        group_size = _DEFAULT_GROUP_SIZE[name]
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size <= 0
+        or group_size & (group_size - 1)
+    ):
+        raise ValueError(f"group_size must be a positive power of two, got {group_size!r}")
+    if name == "4w":
+        if group_size not in _INT4_OPAQUE_GROUP_SIZES:
+            raise ValueError(
+                f"scheme '4w' (Int4WeightOnlyConfig opaque CPU kernel) supports group_size in "
+                f"{_INT4_OPAQUE_GROUP_SIZES}, got {group_size}"
+            )
+        return Scheme(name, group_size, 4, False, None)
+    return Scheme(name, group_size, 4, True, "int8_asym_per_token")
