@@ -74,16 +74,36 @@ class Scheme:
         if self.name == "8da8w":
             # torchao skips in_features <= 16 for this config (kept float)
             return in_features > 16
+        if self.name == "4w" and module.out_features % 16 != 0:
+            # _convert_weight_to_int4pack_for_cpu requires out_features divisible by 16
+            return False
         if self.group_size is not None:
             return in_features % self.group_size == 0
         return True
 
+    @property
+    def embedding_bits(self) -> int:
+        """Embeddings are weight-only: int4 per group for the 4-bit schemes, int8 per row otherwise."""
+        return 4 if self.weight_bits == 4 else 8
+
+    def embedding_config(self):
+        """torchao ``IntxWeightOnlyConfig`` used for embeddings (int4 sym per group / int8 sym per row)."""
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        if self.embedding_bits == 4:
+            return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+
     def fits_embedding(self, module: nn.Module) -> bool:
-        """Whether an ``nn.Embedding`` can be weight-fake-quantized per group with this scheme."""
+        """Whether an ``nn.Embedding`` can be weight-fake-quantized with this scheme."""
         if not isinstance(module, nn.Embedding):
             return False
-        g = self.group_size
+        g = self.group_size if self.embedding_bits == 4 else None
         return g is None or module.embedding_dim % g == 0
+
+    def __str__(self) -> str:
+        return self.name if self.group_size is None else f"{self.name}(group_size={self.group_size})"
 
 
 _DEFAULT_GROUP_SIZE = {"8da4w": 32, "4w": 128, "8w": None, "8da8w": None}

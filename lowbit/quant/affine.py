@@ -1,0 +1,262 @@
+"""Affine integer quantization: qparams, quantize, dequantize, fake-quant with a straight-through estimator.
+
+Pure functions, no nn.Module. Every granularity is "groups along the last dim":
+
+- per-token activations ``x[..., K]``: ``group_size=None`` (one scale per row/token),
+- per-channel weights ``w[N, K]``: ``group_size=None`` (one scale per output channel),
+- per-group weights ``w[N, K]``: ``group_size=g`` (``K // g`` scales per output channel).
+
+Scales / zero points have shape ``x.shape[:-1] + (n_groups,)``.
+
+The arithmetic (operation order, dtypes, eps, rounding) reproduces what torchao 0.14.1 computes on
+CPU when it quantizes for inference, so that a fake-quantized forward can equal the converted
+model's forward bit for bit:
+
+- integer zero-point domain (``torchao.quantization.quant_primitives``):
+  ``q = clamp(round(x * (1.0 / scale)) + zero_point, qmin, qmax)``,
+  ``x_hat = (q - zero_point) * scale``; scales are computed in ``x.dtype``;
+  ``eps`` defaults to ``torch.finfo(x.dtype).eps`` (note: bf16 eps = 2**-7 for bf16 activations);
+- tinygemm float zero-point domain (``Int4WeightOnlyConfig`` CPU kernel):
+  ``scale = (max - min) / 15`` clamped to 1e-6, ``zero = min + 8 * scale``,
+  ``q = clamp(round((w - (zero - 8 * scale)) / scale), 0, 15)``, ``w_hat = (q - 8) * scale + zero``
+  (the kernel dequantizes in fp32).
+
+Rounding is ``torch.round`` (half to even). Fake quant's gradient is the straight-through estimator:
+identity through rounding, zero where the rounded value was clipped to ``[qmin, qmax]``; qparams are
+computed under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (qmin, qmax) per quantized integer type
+INT4 = (-8, 7)
+UINT4 = (0, 15)
+INT8 = (-128, 127)
+INT8_REDUCED = (-127, 127)
+
+
+def group_view(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View ``x[..., K]`` as ``x[..., K // g, g]`` (``g = K`` when ``group_size`` is None)."""
+    k = x.shape[-1]
+    g = k if group_size is None else group_size
+    if g <= 0 or k % g != 0:
+        raise ValueError(f"last dim {k} is not divisible by group_size {group_size}")
+    return x.view(*x.shape[:-1], k // g, g)
+
+
+def _expand(p: torch.Tensor) -> torch.Tensor:
+    """qparam ``[..., n_groups]`` -> ``[..., n_groups, 1]`` to broadcast over a group view."""
+    return p.unsqueeze(-1)
+
+
+@torch.no_grad()
+def symmetric_scale(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+    eps: float | None = None,
+    scale_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Symmetric scale ``max(|x|) / ((qmax - qmin) / 2)`` per group, clamped to ``eps``.
+
+    Args:
+        x: float tensor ``[..., K]`` (fp32 / bf16 / fp16).
+        qmin, qmax: integer range, e.g. ``INT4`` -> scale = amax / 7.5, ``INT8_REDUCED`` -> amax / 127.
+        group_size: group along the last dim, None for one group per row.
+        eps: minimum scale, default ``torch.finfo(x.dtype).eps``.
+        scale_dtype: dtype of the returned scale, default ``x.dtype``.
+
+    Returns:
+        scale ``[..., K // g]`` of ``scale_dtype``. The symmetric zero point is 0.
+    """
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    xg = group_view(x, group_size)
+    min_neg = torch.min(xg.amin(-1), torch.zeros((), dtype=x.dtype, device=x.device))
+    max_pos = torch.max(xg.amax(-1), torch.zeros((), dtype=x.dtype, device=x.device))
+    max_pos = torch.max(-min_neg, max_pos)
+    scale = max_pos / (float(qmax - qmin) / 2)
+    scale = torch.clamp(scale, min=eps)
+    return scale.to(scale_dtype or x.dtype)
+
+
+@torch.no_grad()
+def asymmetric_qparams(
+    x: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+    eps: float | None = None,
+    zero_point_dtype: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (min/max, zero preserved) scale and integer zero point per group.
+
+    ``scale = (max(x, 0) - min(x, 0)) / (qmax - qmin)`` clamped to ``eps`` (default
+    ``finfo(x.dtype).eps``), ``zero_point = clamp(qmin - round(min / scale), qmin, qmax)``.
+
+    Returns:
+        ``(scale [..., n_groups] in x.dtype, zero_point [..., n_groups] of zero_point_dtype)``.
+    """
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    xg = group_view(x, group_size)
+    min_neg = torch.min(xg.amin(-1), torch.zeros((), dtype=x.dtype, device=x.device))
+    max_pos = torch.max(xg.amax(-1), torch.zeros((), dtype=x.dtype, device=x.device))
+    scale = (max_pos - min_neg) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=eps)
+    zero_point = qmin - torch.round(min_neg / scale)
+    zero_point = torch.clamp(zero_point, qmin, qmax)
+    return scale, zero_point.to(zero_point_dtype)
+
+
+@torch.no_grad()
+def tinygemm_qparams(
+    w: torch.Tensor, group_size: int, *, qmin: int = 0, qmax: int = 15, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric uint4 qparams with a float zero (tinygemm / ``_weight_int4pack_mm_for_cpu``).
+
+    Returns:
+        ``(scale, zero)`` both ``[N, K // group_size]`` in ``w.dtype``; ``zero`` is the float value
+        that dequantizes the mid code ``(qmin + qmax + 1) / 2``.
+    """
+    wg = group_view(w, group_size)
+    min_val = wg.amin(-1)
+    max_val = wg.amax(-1)
+    scale = (max_val - min_val) / float(qmax - qmin)
+    scale = torch.clamp(scale, min=eps)
+    mid = (qmax + qmin + 1) / 2
+    zero = min_val + scale * mid
+    return scale, zero.to(w.dtype)
+
+
+class _RoundAddClampSTE(torch.autograd.Function):
+    """``clamp(round(u) + zero_point, qmin, qmax)``; gradient: identity, zero where clipped."""
+
+    @staticmethod
+    def forward(ctx, u, zero_point, qmin, qmax):
+        r = torch.round(u)
+        if zero_point is not None:
+            r = r + zero_point
+        ctx.save_for_backward((r >= qmin) & (r <= qmax))
+        return torch.clamp(r, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+def round_clamp(
+    u: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int, *, ste: bool = False
+) -> torch.Tensor:
+    """``clamp(round(u) + zero_point, qmin, qmax)`` in ``u``'s dtype (integer-valued float).
+
+    With ``ste=True`` the gradient w.r.t. ``u`` is passed through unchanged where the value was not
+    clipped and is zero where it was (straight-through estimator).
+    """
+    if ste and u.requires_grad:
+        return _RoundAddClampSTE.apply(u, zero_point, qmin, qmax)
+    r = torch.round(u)
+    if zero_point is not None:
+        r = r + zero_point
+    return torch.clamp(r, qmin, qmax)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+    ste: bool = False,
+) -> torch.Tensor:
+    """Integer-domain affine quantization ``clamp(round(x * (1.0 / scale)) + zero_point, qmin, qmax)``.
+
+    Args:
+        x: ``[..., K]`` float. scale / zero_point: ``[..., K // g]`` (zero_point None = symmetric,
+            no zero point added, as torchao's ZeroPointDomain.NONE).
+        ste: straight-through gradient (see :func:`round_clamp`).
+
+    Returns:
+        integer-valued tensor ``[..., K]`` in the promoted float dtype of ``x`` and ``scale``
+        (cast with ``.to(torch.int8)`` for storage).
+    """
+    xg = group_view(x, group_size)
+    zp = None if zero_point is None else _expand(zero_point)
+    q = round_clamp(xg * (1.0 / _expand(scale)), zp, qmin, qmax, ste=ste)
+    return q.view(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    *,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(q.to(dtype) - zero_point.to(dtype)) * scale``, returned in ``dtype`` (default ``scale.dtype``)."""
+    dtype = dtype or scale.dtype
+    qg = group_view(q.to(dtype), group_size)
+    if zero_point is not None:
+        qg = qg - _expand(zero_point).to(dtype)
+    return (qg * _expand(scale)).view(q.shape).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x.dtype`` with the straight-through estimator gradient."""
+    q = quantize(x, scale, zero_point, qmin, qmax, group_size=group_size, ste=True)
+    return dequantize(q, scale, zero_point, group_size=group_size, dtype=x.dtype)
+
+
+def quantize_tinygemm(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    *,
+    qmin: int = 0,
+    qmax: int = 15,
+    ste: bool = False,
+) -> torch.Tensor:
+    """Float-zero-domain quantization ``clamp(round((w - (zero - scale * mid)) / scale), qmin, qmax)``."""
+    wg = group_view(w, group_size)
+    s = _expand(scale)
+    min_val = _expand(zero) - s * ((qmax + qmin + 1) / 2)
+    q = round_clamp((wg - min_val) / s, None, qmin, qmax, ste=ste)
+    return q.view(w.shape)
+
+
+def dequantize_tinygemm(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    *,
+    qmin: int = 0,
+    qmax: int = 15,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - mid) * scale + zero`` computed in ``dtype`` (fp32 is what the CPU int4 kernel uses)."""
+    qg = group_view(q.to(dtype), group_size) - (qmax + qmin + 1) / 2
+    return (qg * _expand(scale).to(dtype) + _expand(zero).to(dtype)).view(q.shape)
+
+
+def fake_quantize_tinygemm(w: torch.Tensor, group_size: int, *, dtype: torch.dtype = torch.float32):
+    """uint4 tinygemm fake quant of ``w[N, K]``: qparams, quantize (STE), dequantize in ``dtype``."""
+    scale, zero = tinygemm_qparams(w.detach(), group_size)
+    q = quantize_tinygemm(w, scale, zero, group_size, ste=True)
+    return dequantize_tinygemm(q, scale, zero, group_size, dtype=dtype)
