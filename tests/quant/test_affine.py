@@ -1,0 +1,145 @@
+"""lowbit.quant.affine against torchao's quant primitives (exact) and float64 brute-force references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchao.quantization.quant_primitives import (
+    MappingType,
+    _choose_qparams_affine_tinygemm,
+    _quantize_affine_no_zero_point,
+    _quantize_affine_tinygemm,
+    choose_qparams_affine,
+    dequantize_affine,
+    quantize_affine,
+)
+
+from lowbit.quant import affine as A
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _x(shape, dtype, small, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float32)
+    return (x * (0.002 if small else 1.0)).to(dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    n_groups=st.integers(1, 4),
+    gsize=st.sampled_from([4, 16, 32]),
+    dtype=st.sampled_from(DTYPES),
+    small=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_symmetric_int4_per_group_matches_torchao(rows, n_groups, gsize, dtype, small, seed):
+    w = _x((rows, n_groups * gsize), dtype, small, seed)
+    scale = A.symmetric_scale(w, *A.INT4, group_size=gsize)
+    ref_s, ref_zp = choose_qparams_affine(w, MappingType.SYMMETRIC, (1, gsize), torch.int8, -8, 7,
+                                          zero_point_dtype=torch.int8)
+    assert scale.dtype == ref_s.dtype == dtype
+    assert torch.equal(scale, ref_s.view_as(scale))
+    zp = torch.zeros_like(scale, dtype=torch.int8)
+    q = A.quantize(w, scale, zp, *A.INT4, group_size=gsize)
+    ref_q = quantize_affine(w, (1, gsize), ref_s, ref_zp, torch.int8, -8, 7)
+    assert torch.equal(q.to(torch.int8), ref_q)
+    dq = A.dequantize(q, scale, zp, group_size=gsize, dtype=dtype)
+    ref_dq = dequantize_affine(ref_q, (1, gsize), ref_s, ref_zp, torch.int8, -8, 7, output_dtype=dtype)
+    assert torch.equal(dq, ref_dq)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.sampled_from([(1, 8), (3, 5, 24), (2, 1, 3, 40)]),
+    dtype=st.sampled_from(DTYPES),
+    small=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_asymmetric_int8_per_token_matches_torchao(shape, dtype, small, seed):
+    x = _x(shape, dtype, small, seed)
+    scale, zp = A.asymmetric_qparams(x, *A.INT8)
+    block = (1,) * (x.dim() - 1) + (x.shape[-1],)
+    ref_s, ref_zp = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, -128, 127,
+                                          zero_point_dtype=torch.int8)
+    assert torch.equal(scale, ref_s.view_as(scale)) and torch.equal(zp, ref_zp.view_as(zp))
+    q = A.quantize(x, scale, zp, *A.INT8)
+    ref_q = quantize_affine(x, block, ref_s, ref_zp, torch.int8, -128, 127)
+    assert torch.equal(q.to(torch.int8), ref_q)
+    dq = A.dequantize(q, scale, zp, dtype=dtype)
+    ref = dequantize_affine(ref_q, block, ref_s, ref_zp, torch.int8, -128, 127, output_dtype=dtype)
+    assert torch.equal(dq, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_symmetric_int8_per_channel_no_zero_point_matches_torchao(dtype):
+    w = _x((6, 40), dtype, False, 0)
+    eps = torch.finfo(torch.float32).eps
+    scale = A.symmetric_scale(w, *A.INT8, eps=eps)
+    ref_s, _ = choose_qparams_affine(w, MappingType.SYMMETRIC, (1, 40), torch.int8, eps=eps)
+    assert torch.equal(scale.squeeze(-1), ref_s)
+    q = A.quantize(w, scale, None, *A.INT8)
+    ref_q = _quantize_affine_no_zero_point(w, (1, 40), ref_s, None, torch.int8, -128, 127)
+    assert torch.equal(q.to(torch.int8), ref_q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("small", [False, True])
+def test_tinygemm_matches_torchao(dtype, small):
+    w = _x((8, 96), dtype, small, 3)
+    s, z = A.tinygemm_qparams(w, 32)
+    ref_s, ref_z = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, (1, 32), torch.int32, 0, 15,
+                                                   1e-6, None, w.dtype)
+    assert torch.equal(s, ref_s.view_as(s)) and torch.equal(z, ref_z.view_as(z))
+    q = A.quantize_tinygemm(w, s, z, 32)
+    ref_q = _quantize_affine_tinygemm(w, (1, 32), ref_s, ref_z, torch.int32, 0, 15)
+    assert torch.equal(q.to(torch.int32), ref_q)
+
+
+def test_against_float64_reference():
+    """Independent brute-force reference: per-row loops in float64."""
+    w = _x((5, 64), torch.float32, False, 7)
+    scale = A.symmetric_scale(w, *A.INT4, group_size=16)
+    q = A.quantize(w, scale, None, *A.INT4, group_size=16)
+    for r in range(5):
+        for gi in range(4):
+            blk = w[r, gi * 16:(gi + 1) * 16].double()
+            s = blk.abs().max().item() / 7.5
+            assert abs(scale[r, gi].item() - s) <= 1e-6 * s
+            ref = [min(7, max(-8, round(v / s))) for v in blk.tolist()]
+            got = q[r, gi * 16:(gi + 1) * 16].tolist()
+            # x*(1/s) vs x/s may flip an exact .5 tie; anything else must agree
+            assert sum(a != b for a, b in zip(got, ref, strict=True)) <= 1
+    # asymmetric: zero is exactly representable and the range maps onto [qmin, qmax]
+    x = _x((4, 33), torch.float32, False, 8)
+    s, zp = A.asymmetric_qparams(x, *A.INT8)
+    lo, hi = x.amin(-1).clamp(max=0).double(), x.amax(-1).clamp(min=0).double()
+    torch.testing.assert_close(s.squeeze(-1).double(), (hi - lo) / 255, rtol=1e-6, atol=0)
+    dq = A.dequantize(A.quantize(x, s, zp, *A.INT8), s, zp)
+    assert (dq - x).abs().max() <= s.max() / 2 + 1e-7
+    zero = torch.zeros(4, 33)
+    assert torch.equal(A.dequantize(A.quantize(zero, s, zp, *A.INT8), s, zp), zero)
+
+
+def test_fake_quant_ste_gradient_identity_and_zero_when_clipped():
+    x = torch.tensor([[-1.0, -0.3, 0.0, 0.2, 0.5, 3.0]], requires_grad=True)
+    scale = torch.tensor([[0.1]])  # int4: representable range [-0.8, 0.7]
+    y = A.fake_quantize(x, scale, None, *A.INT4)
+    torch.testing.assert_close(y.detach(), torch.tensor([[-0.8, -0.3, 0.0, 0.2, 0.5, 0.7]]))
+    y.sum().backward()
+    # identity (up to scale * (1/scale) rounding) where in range, exactly zero where clipped
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 0.0]]))
+    assert x.grad[0, 0] == 0 and x.grad[0, -1] == 0
+
+
+def test_qparams_have_no_grad():
+    w = torch.randn(4, 32, requires_grad=True)
+    assert not A.symmetric_scale(w, *A.INT4, group_size=8).requires_grad
+    s, zp = A.asymmetric_qparams(w, *A.INT8)
+    assert not s.requires_grad and not zp.requires_grad
+
+
+def test_bad_group_size():
+    with pytest.raises(ValueError, match="not divisible by group_size 24"):
+        A.symmetric_scale(torch.randn(2, 64), *A.INT4, group_size=24)
