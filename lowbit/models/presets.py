@@ -49,10 +49,11 @@ class ModelArgs:
 
 
 PRESETS: dict[str, ModelArgs] = {
-    # ~3.7M parameters; vocab matches the tokenizer lowbit trains on its generated corpus.
+    # ~0.9M parameters (~5.5 MFLOP/token for a training step): trains to >= 0.8 acc_norm on the
+    # generated task in a few minutes on 2 CPU cores. Every dim is a multiple of 32 (QAT groups, float8).
     "tiny": ModelArgs(
-        vocab_size=2048, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256,
-        intermediate_dim=768, max_seq_len=512,
+        vocab_size=1024, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128,
+        intermediate_dim=384, max_seq_len=256,
     ),
     # ~170M parameters, Llama-shaped, for CPU decode/prefill throughput benchmarks.
     "small_150m": ModelArgs(

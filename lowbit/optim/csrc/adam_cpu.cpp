@@ -1,0 +1,461 @@
+// Fused Adam/AdamW step with blockwise-quantized states, CPU (OpenMP + AVX2), plain C ABI.
+//
+// One call updates every parameter of one (param dtype, state format) bucket of a param group.
+// Work is split into tasks of whole blocks; each block is independent (decode, update, absmax,
+// encode), so results do not depend on threading. Math is fp32, no FMA contraction (build with
+// -ffp-contract=off), in exactly the operation order of lowbit.optim._ref / _torch_step:
+//
+//   g = maximize ? -g : g;  if coupled: g = g + wd * p
+//   m = b1 * m + omb1 * g;  v = b2 * v + omb2 * (g * g);  p = p * decay
+//   p = p - step_size * (m / (sqrt(v) * inv_bc2_sqrt + eps))
+//
+// then per block: amax = max |x| over finite x, scale = max(amax, 1e-30) (/ 448 for fp8),
+// code = nearest(x * (1 / scale)) with non-finite x stored as the code of 0.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Mode { FP32 = 0, Q8 = 1, Q4 = 2, FP8 = 3 };
+constexpr int MAX_BLOCK = 8192;
+constexpr float SCALE_FLOOR = 1e-30f;
+constexpr float FP8_MAX = 448.0f;
+
+struct Hyper {
+  float b1, omb1, b2, omb2, eps, step_size, inv_bc2_sqrt, decay, wd;
+  uint32_t seed;
+  bool maximize, coupled, sr;
+};
+
+struct Codec {
+  const float* qmap;      // decode table (256 entries, or 16 for 4-bit)
+  const int32_t* table;   // encode cell table
+  int32_t a_lo, a_hi, shift, ncells;
+};
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+  return x;
+}
+
+// ---------------------------------------------------------------- scalar pieces
+inline float adam_scalar(float p, float g, float& m, float& v, const Hyper& h) {
+  if (h.maximize) g = -g;
+  if (h.coupled) g = g + h.wd * p;
+  m = h.b1 * m + h.omb1 * g;
+  v = h.b2 * v + h.omb2 * (g * g);
+  p = p * h.decay;
+  float denom = std::sqrt(v) * h.inv_bc2_sqrt + h.eps;
+  return p - h.step_size * (m / denom);
+}
+
+inline float finite_abs(float x) {
+  float a = std::fabs(x);
+  return a <= 3.4028234663852886e38f ? a : 0.0f;
+}
+
+inline int encode_table_scalar(float x, const Codec& c) {
+  uint32_t b = f2u(x);
+  int32_t neg = -(int32_t)(b >> 31);
+  int32_t a = (int32_t)(b & 0x7FFFFFFFu);
+  if (a >= 0x7F800000) a = 0;
+  a = std::min(std::max(a, c.a_lo), c.a_hi) - c.a_lo;
+  int32_t mask = (1 << c.shift) - 1;
+  int32_t cell = (a >> c.shift) + (neg & c.ncells);
+  int32_t off = (a & mask) ^ (neg & mask);
+  uint32_t e = (uint32_t)c.table[cell];
+  return (int)(e >> 23) - (off < (int32_t)(e & 0x7FFFFFu) ? 1 : 0);
+}
+
+inline uint8_t encode_fp8_scalar(float x) {  // x finite; saturate then round to nearest even
+  x = std::min(std::max(x, -FP8_MAX), FP8_MAX);
+  uint32_t b = f2u(x);
+  uint32_t sign = (b >> 24) & 0x80u;
+  uint32_t a = b & 0x7FFFFFFFu;
+  uint32_t mag;
+  if (u2f(a) < 0x1p-6f) {
+    mag = (uint32_t)std::nearbyint(u2f(a) * 512.0f);
+  } else {
+    mag = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  }
+  return (uint8_t)(sign | mag);
+}
+
+template <typename P> inline float load_p(const P* p, int64_t i);
+template <> inline float load_p<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float load_p<uint16_t>(const uint16_t* p, int64_t i) { return u2f((uint32_t)p[i] << 16); }
+
+template <typename P> inline void store_p(P* p, int64_t i, float x, uint32_t gidx, const Hyper& h);
+template <> inline void store_p<float>(float* p, int64_t i, float x, uint32_t, const Hyper&) { p[i] = x; }
+template <> inline void store_p<uint16_t>(uint16_t* p, int64_t i, float x, uint32_t gidx, const Hyper& h) {
+  uint32_t b = f2u(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) { p[i] = 0x7FC0; return; }
+  uint32_t r = h.sr ? (hash32(gidx * 0x9E3779B1u + h.seed) >> 16) : (0x7FFFu + ((b >> 16) & 1u));
+  p[i] = (uint16_t)((b + r) >> 16);
+}
+
+// ---------------------------------------------------------------- AVX2 pieces
+#ifdef __AVX2__
+struct HyperV {
+  __m256 b1, omb1, b2, omb2, eps, ss, ibc, decay, wd;
+  explicit HyperV(const Hyper& h)
+      : b1(_mm256_set1_ps(h.b1)), omb1(_mm256_set1_ps(h.omb1)), b2(_mm256_set1_ps(h.b2)),
+        omb2(_mm256_set1_ps(h.omb2)), eps(_mm256_set1_ps(h.eps)), ss(_mm256_set1_ps(h.step_size)),
+        ibc(_mm256_set1_ps(h.inv_bc2_sqrt)), decay(_mm256_set1_ps(h.decay)), wd(_mm256_set1_ps(h.wd)) {}
+};
+
+inline __m256 adam_vec(__m256 p, __m256 g, __m256& m, __m256& v, const HyperV& H, const Hyper& h) {
+  if (h.maximize) g = _mm256_xor_ps(g, _mm256_set1_ps(-0.0f));
+  if (h.coupled) g = _mm256_add_ps(g, _mm256_mul_ps(H.wd, p));
+  m = _mm256_add_ps(_mm256_mul_ps(H.b1, m), _mm256_mul_ps(H.omb1, g));
+  v = _mm256_add_ps(_mm256_mul_ps(H.b2, v), _mm256_mul_ps(H.omb2, _mm256_mul_ps(g, g)));
+  p = _mm256_mul_ps(p, H.decay);
+  __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), H.ibc), H.eps);
+  return _mm256_sub_ps(p, _mm256_mul_ps(H.ss, _mm256_div_ps(m, denom)));
+}
+
+inline __m256 finite_abs_vec(__m256 x) {
+  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  __m256 ok = _mm256_cmp_ps(a, _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
+  return _mm256_and_ps(a, ok);
+}
+
+inline float hmax(__m256 x) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+inline __m256i encode_table_vec(__m256 x, const Codec& c) {
+  __m256i b = _mm256_castps_si256(x);
+  __m256i neg = _mm256_srai_epi32(b, 31);
+  __m256i a = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
+  a = _mm256_and_si256(a, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7F800000), a));
+  __m256i alo = _mm256_set1_epi32(c.a_lo);
+  a = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(a, alo), _mm256_set1_epi32(c.a_hi)), alo);
+  __m256i mask = _mm256_set1_epi32((1 << c.shift) - 1);
+  __m256i cell = _mm256_add_epi32(_mm256_srl_epi32(a, _mm_cvtsi32_si128(c.shift)),
+                                  _mm256_and_si256(neg, _mm256_set1_epi32(c.ncells)));
+  __m256i off = _mm256_xor_si256(_mm256_and_si256(a, mask), _mm256_and_si256(neg, mask));
+  __m256i e = _mm256_i32gather_epi32(c.table, cell, 4);
+  __m256i c1 = _mm256_srli_epi32(e, 23);
+  __m256i t = _mm256_and_si256(e, _mm256_set1_epi32(0x7FFFFF));
+  return _mm256_add_epi32(c1, _mm256_cmpgt_epi32(t, off));
+}
+
+inline __m256i encode_fp8_vec(__m256 x) {  // x finite
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-FP8_MAX)), _mm256_set1_ps(FP8_MAX));
+  __m256i b = _mm256_castps_si256(x);
+  __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 24), _mm256_set1_epi32(0x80));
+  __m256i a = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
+  __m256 af = _mm256_castsi256_ps(a);
+  __m256i sub = _mm256_cvttps_epi32(
+      _mm256_round_ps(_mm256_mul_ps(af, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+  __m256i nrm = _mm256_sub_epi32(
+      _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(_mm256_set1_epi32(0x7FFFF), odd)), 20),
+      _mm256_set1_epi32(120 << 3));
+  __m256 is_sub = _mm256_cmp_ps(af, _mm256_set1_ps(0x1p-6f), _CMP_LT_OQ);
+  __m256i mag = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(nrm), _mm256_castsi256_ps(sub), is_sub));
+  return _mm256_or_si256(mag, sign);
+}
+
+inline __m256 decode8_vec(const uint8_t* codes, const float* qmap) {
+  __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)codes));
+  return _mm256_i32gather_ps(qmap, idx, 4);
+}
+
+inline void store8_codes(uint8_t* dst, __m256i c) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  __m256i s = _mm256_shuffle_epi8(c, pick);
+  uint32_t lo = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(s));
+  uint32_t hi = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(s, 1));
+  uint64_t w = (uint64_t)lo | ((uint64_t)hi << 32);
+  std::memcpy(dst, &w, 8);
+}
+
+inline __m256i nibble_shifts() { return _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); }
+
+inline __m256 decode4_vec(const uint8_t* packed, const float* qmap16) {
+  uint32_t w; std::memcpy(&w, packed, 4);
+  __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), nibble_shifts()),
+                                 _mm256_set1_epi32(15));
+  __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(qmap16), idx);
+  __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(qmap16 + 8), idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+inline void store4_codes(uint8_t* dst, __m256i c) {
+  __m256i s = _mm256_sllv_epi32(c, nibble_shifts());
+  __m128i x = _mm_or_si128(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  x = _mm_or_si128(x, _mm_unpackhi_epi64(x, x));
+  x = _mm_or_si128(x, _mm_srli_epi64(x, 32));
+  uint32_t w = (uint32_t)_mm_cvtsi128_si32(x);
+  std::memcpy(dst, &w, 4);
+}
+
+template <typename P> inline __m256 load_p_vec(const P* p);
+template <> inline __m256 load_p_vec<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load_p_vec<uint16_t>(const uint16_t* p) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+template <typename P> inline void store_p_vec(P* p, __m256 x, uint32_t gidx, const Hyper& h);
+template <> inline void store_p_vec<float>(float* p, __m256 x, uint32_t, const Hyper&) { _mm256_storeu_ps(p, x); }
+template <> inline void store_p_vec<uint16_t>(uint16_t* p, __m256 x, uint32_t gidx, const Hyper& h) {
+  __m256i b = _mm256_castps_si256(x);
+  __m256i r;
+  if (h.sr) {
+    __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)gidx), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i z = _mm256_add_epi32(_mm256_mullo_epi32(i, _mm256_set1_epi32((int)0x9E3779B1u)),
+                                 _mm256_set1_epi32((int)h.seed));
+    z = _mm256_xor_si256(z, _mm256_srli_epi32(z, 16));
+    z = _mm256_mullo_epi32(z, _mm256_set1_epi32(0x7feb352d));
+    z = _mm256_xor_si256(z, _mm256_srli_epi32(z, 15));
+    z = _mm256_mullo_epi32(z, _mm256_set1_epi32((int)0x846ca68bu));
+    z = _mm256_xor_si256(z, _mm256_srli_epi32(z, 16));
+    r = _mm256_srli_epi32(z, 16);
+  } else {
+    r = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)));
+  }
+  __m256i o = _mm256_srli_epi32(_mm256_add_epi32(b, r), 16);
+  __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  o = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(o), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
+  __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(o, o), 0x08);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(pk));
+}
+#endif
+
+// ---------------------------------------------------------------- one block
+struct Args {
+  int mode;
+  int64_t block_size;
+  const Codec* cm;
+  const Codec* cv;
+  bool scalar_only;
+};
+
+template <typename P>
+void fp32_chunk(P* p, const P* g, float* m, float* v, int64_t base, int64_t n, const Hyper& h, const Args& A) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if (!A.scalar_only) {
+    HyperV H(h);
+    for (; i + 8 <= n; i += 8) {
+      __m256 mm = _mm256_loadu_ps(m + i), vv = _mm256_loadu_ps(v + i);
+      __m256 pp = adam_vec(load_p_vec<P>(p + i), load_p_vec<P>(g + i), mm, vv, H, h);
+      store_p_vec<P>(p + i, pp, (uint32_t)(base + i), h);
+      _mm256_storeu_ps(m + i, mm);
+      _mm256_storeu_ps(v + i, vv);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    float mm = m[i], vv = v[i];
+    float pp = adam_scalar(load_p<P>(p, i), load_p<P>(g, i), mm, vv, h);
+    store_p<P>(p, i, pp, (uint32_t)(base + i), h);
+    m[i] = mm;
+    v[i] = vv;
+  }
+}
+
+inline float decode_scalar(const uint8_t* codes, int64_t i, const float* qmap, bool four) {
+  int c = four ? (codes[i >> 1] >> ((i & 1) * 4)) & 15 : codes[i];
+  return qmap[c];
+}
+
+// p, g, element codes point at the block's first element; block index blk; n elements.
+template <typename P>
+void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* vs, int64_t base, int64_t n,
+                 const Hyper& h, const Args& A) {
+  alignas(32) float mb[MAX_BLOCK];
+  alignas(32) float vb[MAX_BLOCK];
+  const bool four = A.mode == Q4;
+  const float sm = *ms, sv = *vs;
+  const float* qm = A.cm->qmap;
+  const float* qv = A.cv->qmap;
+  float am = 0.0f, av = 0.0f;
+  int64_t i = 0;
+#ifdef __AVX2__
+  if (!A.scalar_only) {
+    HyperV H(h);
+    __m256 vsm = _mm256_set1_ps(sm), vsv = _mm256_set1_ps(sv);
+    __m256 vam = _mm256_setzero_ps(), vav = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      __m256 mm, vv;
+      if (four) {
+        mm = decode4_vec(mc + (i >> 1), qm);
+        vv = decode4_vec(vc + (i >> 1), qv);
+      } else {
+        mm = decode8_vec(mc + i, qm);
+        vv = decode8_vec(vc + i, qv);
+      }
+      mm = _mm256_mul_ps(mm, vsm);
+      vv = _mm256_mul_ps(vv, vsv);
+      __m256 pp = adam_vec(load_p_vec<P>(p + i), load_p_vec<P>(g + i), mm, vv, H, h);
+      store_p_vec<P>(p + i, pp, (uint32_t)(base + i), h);
+      _mm256_store_ps(mb + i, mm);
+      _mm256_store_ps(vb + i, vv);
+      vam = _mm256_max_ps(vam, finite_abs_vec(mm));
+      vav = _mm256_max_ps(vav, finite_abs_vec(vv));
+    }
+    am = hmax(vam);
+    av = hmax(vav);
+  }
+#endif
+  for (; i < n; ++i) {
+    float mm = decode_scalar(mc, i, qm, four) * sm;
+    float vv = decode_scalar(vc, i, qv, four) * sv;
+    float pp = adam_scalar(load_p<P>(p, i), load_p<P>(g, i), mm, vv, h);
+    store_p<P>(p, i, pp, (uint32_t)(base + i), h);
+    mb[i] = mm;
+    vb[i] = vv;
+    am = std::max(am, finite_abs(mm));
+    av = std::max(av, finite_abs(vv));
+  }
+
+  const bool fp8 = A.mode == FP8;
+  float nsm = std::max(am, SCALE_FLOOR), nsv = std::max(av, SCALE_FLOOR);
+  if (fp8) { nsm = nsm / FP8_MAX; nsv = nsv / FP8_MAX; }
+  const float im = 1.0f / nsm, iv = 1.0f / nsv;
+  *ms = nsm;
+  *vs = nsv;
+
+  i = 0;
+#ifdef __AVX2__
+  if (!A.scalar_only) {
+    __m256 vim = _mm256_set1_ps(im), viv = _mm256_set1_ps(iv);
+    for (; i + 8 <= n; i += 8) {
+      __m256 mm = _mm256_load_ps(mb + i), vv = _mm256_load_ps(vb + i);
+      // non-finite -> 0 (finite_abs is 0 exactly for them; keep the sign of finite values)
+      __m256 mok = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), mm), _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
+      __m256 vok = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), vv), _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
+      __m256 xm = _mm256_and_ps(_mm256_mul_ps(mm, vim), mok);
+      __m256 xv = _mm256_and_ps(_mm256_mul_ps(vv, viv), vok);
+      if (fp8) {
+        store8_codes(mc + i, encode_fp8_vec(xm));
+        store8_codes(vc + i, encode_fp8_vec(xv));
+      } else if (four) {
+        store4_codes(mc + (i >> 1), encode_table_vec(xm, *A.cm));
+        store4_codes(vc + (i >> 1), encode_table_vec(xv, *A.cv));
+      } else {
+        store8_codes(mc + i, encode_table_vec(xm, *A.cm));
+        store8_codes(vc + i, encode_table_vec(xv, *A.cv));
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    float xm = finite_abs(mb[i]) == std::fabs(mb[i]) ? mb[i] * im : 0.0f;
+    float xv = finite_abs(vb[i]) == std::fabs(vb[i]) ? vb[i] * iv : 0.0f;
+    if (fp8) {
+      mc[i] = encode_fp8_scalar(xm);
+      vc[i] = encode_fp8_scalar(xv);
+    } else if (four) {
+      int cm = encode_table_scalar(xm, *A.cm), cv = encode_table_scalar(xv, *A.cv);
+      int64_t j = i >> 1;
+      if ((i & 1) == 0) {
+        mc[j] = (uint8_t)cm;
+        vc[j] = (uint8_t)cv;
+      } else {
+        mc[j] = (uint8_t)((mc[j] & 15) | (cm << 4));
+        vc[j] = (uint8_t)((vc[j] & 15) | (cv << 4));
+      }
+    } else {
+      mc[i] = (uint8_t)encode_table_scalar(xm, *A.cm);
+      vc[i] = (uint8_t)encode_table_scalar(xv, *A.cv);
+    }
+  }
+}
+
+template <typename P>
+void run_task(int64_t b0, int64_t b1, int64_t numel, void* pp, void* gp, void* mp, float* msp, void* vp, float* vsp,
+              const Hyper& h, const Args& A) {
+  P* p = (P*)pp;
+  const P* g = (const P*)gp;
+  const int64_t bs = A.block_size;
+  for (int64_t b = b0; b < b1; ++b) {
+    int64_t s = b * bs, n = std::min(bs, numel - s);
+    if (A.mode == FP32) {
+      fp32_chunk<P>(p + s, g + s, (float*)mp + s, (float*)vp + s, s, n, h, A);
+    } else if (A.mode == Q4) {
+      quant_block<P>(p + s, g + s, (uint8_t*)mp + s / 2, msp + b, (uint8_t*)vp + s / 2, vsp + b, s, n, h, A);
+    } else {
+      quant_block<P>(p + s, g + s, (uint8_t*)mp + s, msp + b, (uint8_t*)vp + s, vsp + b, s, n, h, A);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int lowbit_max_block() { return MAX_BLOCK; }
+
+#ifdef __AVX2__
+int lowbit_has_avx2() { return 1; }
+#else
+int lowbit_has_avx2() { return 0; }
+#endif
+
+// Returns 0 on success, a negative number on bad arguments.
+// hyper: [n, 9] fp32 rows (b1, omb1, b2, omb2, eps, step_size, inv_bc2_sqrt, decay, wd).
+// meta_*: a_lo, a_hi, shift, ncells of the encode cell table.
+// flags: 1 maximize, 2 coupled weight decay (Adam), 4 bf16 stochastic rounding, 8 scalar only.
+int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_size, void** params, void** grads,
+                     void** m_data, float** m_scale, void** v_data, float** v_scale, const int64_t* numels,
+                     const float* hyper, const uint32_t* seeds, const float* qmap_m, const float* qmap_v,
+                     const int32_t* tab_m, const int32_t* meta_m, const int32_t* tab_v, const int32_t* meta_v,
+                     int flags, int num_threads) {
+  if (block_size <= 0 || block_size > MAX_BLOCK || block_size % 8 != 0) return -1;
+  if (mode < FP32 || mode > FP8) return -2;
+  Codec cm{qmap_m, tab_m, 0, 0, 1, 0}, cv{qmap_v, tab_v, 0, 0, 1, 0};
+  if (mode == Q8 || mode == Q4) {
+    cm = Codec{qmap_m, tab_m, meta_m[0], meta_m[1], meta_m[2], meta_m[3]};
+    cv = Codec{qmap_v, tab_v, meta_v[0], meta_v[1], meta_v[2], meta_v[3]};
+  }
+  Args A{mode, block_size, &cm, &cv, (flags & 8) != 0};
+  // tasks of whole blocks, about 16K elements each
+  const int64_t per_task = std::max<int64_t>(1, 16384 / block_size);
+  struct Task { int64_t j, b0, b1; };
+  std::vector<Task> tasks;
+  for (int64_t j = 0; j < n_params; ++j) {
+    int64_t nb = (numels[j] + block_size - 1) / block_size;
+    for (int64_t b = 0; b < nb; b += per_task) tasks.push_back({j, b, std::min(nb, b + per_task)});
+  }
+  std::vector<Hyper> hs(n_params);
+  for (int64_t j = 0; j < n_params; ++j) {
+    const float* r = hyper + 9 * j;
+    hs[j] = Hyper{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], seeds[j],
+                  (flags & 1) != 0, (flags & 2) != 0, (flags & 4) != 0};
+  }
+  const int64_t nt = (int64_t)tasks.size();
+  int threads = std::max(1, std::min<int>(num_threads, (int)nt));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t = 0; t < nt; ++t) {
+    const Task& k = tasks[t];
+    const int64_t j = k.j;
+    float* ms = m_scale ? m_scale[j] : nullptr;
+    float* vs = v_scale ? v_scale[j] : nullptr;
+    if (param_bf16)
+      run_task<uint16_t>(k.b0, k.b1, numels[j], params[j], grads[j], m_data[j], ms, v_data[j], vs, hs[j], A);
+    else
+      run_task<float>(k.b0, k.b1, numels[j], params[j], grads[j], m_data[j], ms, v_data[j], vs, hs[j], A);
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,290 @@
+"""The training loop shared by every recipe (torchtune style: setup / train / save_checkpoint / cleanup).
+
+A recipe is a subclass that overrides hooks (``prepare_model``, ``on_step_start``,
+``checkpoint_metadata``) and extends ``CONFIG_SCHEMA``; nothing else is copied between recipes.
+
+Determinism: batch ``s`` is a pure function of ``(seed, s)`` (a seeded permutation per epoch over
+packed rows), and a checkpoint carries model, optimizer, scheduler and RNG state, so a run resumed
+from step ``k`` reproduces the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from lowbit.data import generate_corpus, load_texts, pack_documents
+from lowbit.models.checkpoint import (
+    atomic_dir,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_tmp,
+    save_model_dir,
+)
+from lowbit.models.presets import ModelArgs, get_preset
+from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
+from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
+
+log = logging.getLogger("lowbit")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class TrainingRecipe:
+    """Causal-LM training of a torchtune decoder on packed text, with atomic checkpoints and resume."""
+
+    recipe_name = "finetune_recipe"
+    CONFIG_SCHEMA: dict = {
+        "output_dir": None,
+        "seed": None,
+        "model": {"preset": None, "overrides": None},
+        "base_checkpoint": None,
+        "tokenizer": {"path": None, "vocab_size": None},
+        "data": {"source": None, "num_docs": None, "world_seed": None, "seq_len": None, "text_field": None},
+        "batch_size": None,
+        "gradient_accumulation_steps": None,
+        "max_steps": None,
+        "optimizer": COMPONENT,
+        "lr_scheduler": COMPONENT,
+        "clip_grad_norm": None,
+        "dtype": None,
+        "compile": None,
+        "float8": {"recipe": None, "emulate": None},
+        "checkpoint_every": None,
+        "keep_last": None,
+        "resume": None,
+        "log_every": None,
+        "progress_bar": None,
+    }
+
+    def __init__(self, cfg: DictConfig):
+        validate(cfg, self.CONFIG_SCHEMA)
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ----------------------------------------------------------------- hooks for recipes
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Transform the float model before training (QAT wrappers, ...). Default: unchanged."""
+        return model
+
+    def on_step_start(self, step: int) -> None:
+        """Called before each optimizer step ``step`` (1-based)."""
+
+    def checkpoint_metadata(self) -> dict:
+        """Extra keys for ``lowbit.json`` (e.g. ``qat_scheme``)."""
+        return {}
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.output_dir / "checkpoints")
+        self.dtype = DTYPES.get(cfg.get("dtype", "fp32"))
+        if self.dtype is None:
+            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+
+        model, self.tokenizer, self.tokenizer_dir, self.model_args = self._build_model_and_tokenizer()
+        self.rows = self._load_data()
+        model = self.prepare_model(model.to(self.dtype))
+        if cfg.get("float8") and cfg.float8.get("recipe"):
+            from lowbit.float8 import Float8TrainingConfig, convert_to_float8_training
+
+            f8 = Float8TrainingConfig.from_recipe(cfg.float8.recipe, emulate=bool(cfg.float8.get("emulate", False)))
+            model = convert_to_float8_training(model, config=f8)
+        self.model = model
+        self.optimizer = instantiate(cfg, "optimizer", model.parameters())
+        self.lr_scheduler = None
+        if cfg.get("lr_scheduler"):
+            self.lr_scheduler = instantiate(
+                cfg, "lr_scheduler", self.optimizer, num_training_steps=cfg.max_steps
+            )
+        if cfg.get("resume", False):
+            self._resume()
+        if cfg.get("compile", False):
+            self.model.compile()  # in place: state-dict keys stay those of the plain model
+        log.info("%s: %d params, %d rows x %d tokens", self.recipe_name,
+                 sum(p.numel() for p in model.parameters()), *self.rows.shape)
+
+    def _build_model_and_tokenizer(self):
+        cfg = self.cfg
+        if cfg.get("base_checkpoint"):
+            model, tokenizer, meta = load_checkpoint(cfg.base_checkpoint)
+            tok_dir = Path(meta["path"]) / "tokenizer" if meta["format"] != "huggingface" else Path(meta["path"])
+            return model.train(), tokenizer, tok_dir, ModelArgs.from_dict(meta["model_args"])
+        args = get_preset(cfg.model.preset)
+        if cfg.model.get("overrides"):
+            args = ModelArgs.from_dict({**args.to_dict(), **OmegaConf.to_container(cfg.model.overrides)})
+        if cfg.tokenizer.get("path"):
+            tok_dir = Path(cfg.tokenizer.path)
+        else:
+            tok_dir = self.output_dir / "tokenizer"
+            if not (tok_dir / "tokenizer.json").exists():
+                train_bpe_tokenizer(self._texts(), cfg.tokenizer.vocab_size, tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
+        if vocab_size_of(tokenizer) > args.vocab_size:
+            raise ConfigError(
+                f"tokenizer at {tok_dir} has {vocab_size_of(tokenizer)} tokens but model preset "
+                f"{cfg.model.preset!r} has vocab_size {args.vocab_size}"
+            )
+        from lowbit.models.presets import build_model
+
+        return build_model(args), tokenizer, tok_dir, args
+
+    def _texts(self) -> list[str]:
+        data = self.cfg.data
+        if data.source == "generated":
+            return generate_corpus(num_docs=data.num_docs, seed=data.world_seed)
+        return load_texts(data.source, text_field=data.get("text_field", "text"))
+
+    def _load_data(self) -> torch.Tensor:
+        return pack_documents(self.tokenizer, self._texts(), self.cfg.data.seq_len)
+
+    # ----------------------------------------------------------------- data order
+    def batch(self, step: int) -> torch.Tensor:
+        """Rows for optimizer step ``step`` (1-based) and micro-batch: ``[accum * batch_size, seq_len + 1]``."""
+        n, b = self.rows.shape[0], self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1)
+        start = (step - 1) * b
+        idx = []
+        for pos in range(start, start + b):
+            epoch, off = divmod(pos, n)
+            if getattr(self, "_perm", (None,))[0] != epoch:
+                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+                self._perm = (epoch, torch.randperm(n, generator=g))
+            idx.append(self._perm[1][off])
+        return self.rows[torch.stack(idx)]
+
+    # ----------------------------------------------------------------- train
+    def loss_on(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = self.model(rows[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+
+    def train(self) -> None:
+        cfg = self.cfg
+        accum = cfg.get("gradient_accumulation_steps", 1)
+        tokens_per_step = cfg.batch_size * accum * cfg.data.seq_len
+        every = cfg.get("checkpoint_every", 0) or cfg.max_steps
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.recipe_name, unit="step",
+                   disable=not cfg.get("progress_bar", True), dynamic_ncols=True)
+        metrics = open(self.output_dir / "metrics.jsonl", "a")
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps:
+                step = self.step + 1
+                self.on_step_start(step)
+                t0 = time.perf_counter()
+                rows = self.batch(step)
+                total = 0.0
+                for micro in rows.chunk(accum):
+                    loss = self.loss_on(micro) / accum
+                    loss.backward()
+                    total += loss.item()
+                grad_norm = None
+                if cfg.get("clip_grad_norm"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm).item()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                dt = time.perf_counter() - t0
+                self.step = step
+                self.losses.append(total)
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"loss is {total} at step {step}")
+                record = {"step": step, "loss": total, "lr": self.optimizer.param_groups[0]["lr"],
+                          "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": tokens_per_step / dt}
+                record["lr"] = float(record["lr"])
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.update(1)
+                if step % cfg.get("log_every", 1) == 0:
+                    bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                if step % every == 0 or step == cfg.max_steps:
+                    self.save_checkpoint(step)
+        except KeyboardInterrupt:
+            done = list_checkpoints(self.output_dir)
+            where = f"last complete checkpoint: {done[-1]}" if done else "no checkpoint was written yet"
+            log.warning("interrupted at step %d; %s (resume with resume=true)", self.step, where)
+            raise
+        finally:
+            bar.close()
+            metrics.close()
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Write ``checkpoints/step_<step>`` atomically and keep only the last ``keep_last``."""
+        final = self.output_dir / "checkpoints" / f"step_{step:06d}"
+        meta = {
+            "model_args": self.model_args.to_dict(), "step": step, "recipe": self.recipe_name,
+            "dtype": self.cfg.get("dtype", "fp32"), "qat_scheme": None, "qat_group_size": None,
+            "config": OmegaConf.to_container(self.cfg, resolve=True), **self.checkpoint_metadata(),
+        }
+        state = {
+            "step": step, "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "rng": torch.get_rng_state(), "losses": self.losses,
+        }
+        with atomic_dir(final) as tmp:
+            save_model_dir(tmp, self.model.state_dict(), meta, self.tokenizer_dir)
+            torch.save(state, tmp / "training_state.pt")
+        for old in list_checkpoints(self.output_dir)[: -self.cfg.get("keep_last", 2)]:
+            shutil.rmtree(old)
+        summary = {"step": step, "final_loss": self.losses[-1] if self.losses else None,
+                   "checkpoint": str(final), **self._timing()}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return final
+
+    def _timing(self) -> dict:
+        path = self.output_dir / "metrics.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        steady = [r["step_s"] for r in recs[min(3, len(recs) - 1):]] if recs else []
+        tokens = self.step * self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1) * self.cfg.data.seq_len
+        return {"train_tokens": tokens, "train_seconds": sum(r["step_s"] for r in recs),
+                "mean_step_ms": 1000 * sum(steady) / len(steady) if steady else None}
+
+    def _resume(self) -> None:
+        ckpts = list_checkpoints(self.output_dir)
+        if not ckpts:
+            log.info("resume=true but no checkpoint in %s: starting from step 0", self.output_dir)
+            return
+        ckpt = ckpts[-1]
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+        state = torch.load(ckpt / "training_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        # metrics.jsonl may hold steps logged after the checkpoint: drop them, they will be redone.
+        path = self.output_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def cleanup(self) -> None:
+        pass
+
+
+def run(recipe_cls: type[TrainingRecipe], cfg: DictConfig) -> TrainingRecipe:
+    """Set up, train and clean up a recipe; returns it (``.losses``, ``.output_dir``)."""
+    recipe = recipe_cls(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
