@@ -71,6 +71,10 @@ class Scheme:
         if not isinstance(module, nn.Linear):
             return False
         in_features = module.in_features
+        block = self.group_size or in_features
+        if block < 2:
+            # torchao 0.14.1's reduction helper mis-shapes qparams for a block of 1 element
+            return False
         if self.name == "8da8w":
             # torchao skips in_features <= 16 for this config (kept float)
             return in_features > 16
@@ -99,8 +103,8 @@ class Scheme:
         """Whether an ``nn.Embedding`` can be weight-fake-quantized with this scheme."""
         if not isinstance(module, nn.Embedding):
             return False
-        g = self.group_size if self.embedding_bits == 4 else None
-        return g is None or module.embedding_dim % g == 0
+        g = self.group_size if self.embedding_bits == 4 else module.embedding_dim
+        return g >= 2 and module.embedding_dim % g == 0
 
     def __str__(self) -> str:
         return self.name if self.group_size is None else f"{self.name}(group_size={self.group_size})"
