@@ -19,7 +19,7 @@ Everything here is a pure function over torch tensors, device-agnostic.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ def linear_map_zero_free(bits: int = 4) -> Tensor:
     return torch.arange(1, n + 1, dtype=torch.float32) / n
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook_cpu(name: str) -> Tensor:
     if name == "dynamic8_signed":
         return dynamic_map(True, 8, 7)
@@ -103,7 +103,7 @@ def _next_up(x: float) -> float:
     return float(torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(math.inf)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _thresholds_cpu(name: str) -> Tensor:
     q = _codebook_cpu(name).double()
     out = []
@@ -236,7 +236,7 @@ def encode_cell_table(name: str) -> tuple[Tensor, dict[str, int]]:
     return _encode_cell_table_cpu(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _encode_cell_table_cpu(name: str) -> tuple[Tensor, dict[str, int]]:
     import numpy as np
 

@@ -359,8 +359,8 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   }
 #endif
   for (; i < n; ++i) {
-    float xm = finite_abs(mb[i]) == std::fabs(mb[i]) ? mb[i] * im : 0.0f;
-    float xv = finite_abs(vb[i]) == std::fabs(vb[i]) ? vb[i] * iv : 0.0f;
+    float xm = std::isfinite(mb[i]) ? mb[i] * im : 0.0f;
+    float xv = std::isfinite(vb[i]) ? vb[i] * iv : 0.0f;
     if (fp8) {
       mc[i] = encode_fp8_scalar(xm);
       vc[i] = encode_fp8_scalar(xv);

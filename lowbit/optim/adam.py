@@ -1,0 +1,239 @@
+"""AdamW / Adam with blockwise-quantized states: one base class, six public optimizers.
+
+Drop-in for ``torch.optim.AdamW`` / ``torch.optim.Adam``: param groups, per-group
+hyper-parameters, ``lr`` as float or tensor, LR schedulers, ``zero_grad``, ``add_param_group``,
+``maximize``, named parameters. Extras: ``block_size``, ``min_quant_size`` (tensors with fewer
+elements keep fp32 state) and ``bf16_stochastic_round``.
+
+Non-finite gradients: blocks are independent, so a NaN/inf gradient element never touches the
+state of other blocks or other parameters. Inside its block the non-finite moment is stored as
+0 and left out of the block's absmax, so the other elements of that block are quantized exactly
+as if it were not there; the parameter element itself becomes NaN/inf (as with torch.optim.AdamW).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import _cpu_kernel
+from ._torch_step import hyper_row, torch_step
+from .formats import FORMATS, StateFormat, check_state, init_state, is_quantized
+
+_MASK32 = 0xFFFFFFFF
+
+
+class _AdamLowBit(torch.optim.Optimizer):
+    """Shared implementation; subclasses fix ``_format`` and ``_decoupled``."""
+
+    _format: str = "8bit"
+    _decoupled: bool = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        bf16_stochastic_round: bool = False,
+    ) -> None:
+        if weight_decay is None:
+            weight_decay = 1e-2 if self._decoupled else 0.0
+        fmt = FORMATS[self._format]
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            block_size=fmt.default_block_size if block_size is None else block_size,
+            min_quant_size=min_quant_size, bf16_stochastic_round=bf16_stochastic_round,
+        )
+        _check_hparams(defaults, "defaults")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        _check_hparams(group, f"param_groups[{gi}]")
+        for i, p in enumerate(group["params"]):
+            where = _where(group, gi, i)
+            if p.is_complex():
+                raise TypeError(f"{self.__class__.__name__} does not support complex parameters: {where} is {p.dtype}")
+            if not p.is_floating_point():
+                raise TypeError(f"{self.__class__.__name__} needs floating-point parameters: {where} is {p.dtype}")
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict made by the same optimizer class and settings.
+
+        Raises ``ValueError`` naming the parameter if a state tensor has the wrong format or shape.
+        State tensors keep their dtypes and move to their parameter's device.
+        """
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        id_to_param = {}
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{gi}] of the loaded state dict has {len(saved['params'])} params, "
+                    f"this optimizer's has {len(group['params'])}"
+                )
+            settings = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            fmt = FORMATS[self._format]
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                id_to_param[pid] = p
+                st = state_dict["state"].get(pid)
+                if st is not None:
+                    check_state(st, p, fmt, settings["block_size"], settings["min_quant_size"], _where(group, gi, i))
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the param dtype; put back the exact saved tensors
+        for pid, st in saved_state.items():
+            p = id_to_param[pid]
+            mine = self.state[p]
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    mine[k] = v.detach().clone() if k == "step" else v.detach().to(device=p.device, copy=True)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter with a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group)
+        return loss
+
+    def _step_group(self, gi: int, group: dict) -> None:
+        _check_hparams(group, f"param_groups[{gi}]")
+        fmt = FORMATS[self._format]
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        bs, mqs = group["block_size"], group["min_quant_size"]
+        sr = bool(group["bf16_stochastic_round"])
+        buckets: dict[tuple, list] = defaultdict(list)
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = _where(group, gi, i)
+            if g.is_sparse:
+                raise TypeError(f"{self.__class__.__name__} does not support sparse gradients: {where}")
+            if g.shape != p.shape:
+                raise ValueError(f"gradient of {where} has shape {list(g.shape)}, parameter {list(p.shape)}")
+            state = self.state[p]
+            if not state:
+                state.update(init_state(p, fmt, bs, mqs))
+            state["step"] += 1
+            row = hyper_row(lr, beta1, beta2, group["eps"], group["weight_decay"], float(state["step"]),
+                            self._decoupled)
+            quant = is_quantized(p, mqs)
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            use_kernel = _cpu_kernel.supports(p, g)
+            buckets[(use_kernel, p.device, p.dtype, quant)].append((p, g, state, row))
+
+        for (use_kernel, _device, dtype, quant), items in buckets.items():
+            f: StateFormat | None = fmt if quant else None
+            hyper = torch.tensor([it[3] for it in items], dtype=torch.float32)
+            stochastic = sr and dtype == torch.bfloat16
+            seeds = [0] * len(items)
+            if stochastic:
+                base = int(torch.randint(0, 2**31 - 1, (1,)))
+                seeds = [(base + j * 0x9E3779B9) & _MASK32 for j in range(len(items))]
+            lib = _cpu_kernel.get() if use_kernel else None
+            if lib is not None:
+                _cpu_kernel.step(lib, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items], f,
+                                 bs, hyper, seeds, group["maximize"], not self._decoupled, stochastic)
+            else:
+                for j, (p, g, state, _) in enumerate(items):
+                    torch_step(p, g, state, f, bs, hyper[j], group["maximize"], not self._decoupled, stochastic,
+                               seeds[j])
+
+    def state_bytes(self) -> int:
+        """Bytes held by optimizer state tensors (codes, scales, fp32 moments, step counters)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if isinstance(t, Tensor))
+
+
+def _where(group: dict, gi: int, i: int) -> str:
+    names = group.get("param_names")
+    if names is not None and i < len(names):
+        return f"parameter {names[i]!r} (param_groups[{gi}]['params'][{i}])"
+    return f"param_groups[{gi}]['params'][{i}]"
+
+
+def _check_hparams(group: dict, where: str) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: lr as a Tensor must have one element, got shape {list(lr.shape)}")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={float(lr)}; must be >= 0")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for k, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"{where}: invalid beta{k + 1}={float(b)}; must be in [0, 1)")
+    if not float(group["eps"]) >= 0.0:
+        raise ValueError(f"{where}: invalid eps={group['eps']}; must be >= 0")
+    if not float(group["weight_decay"]) >= 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={group['weight_decay']}; must be >= 0")
+    if group["amsgrad"]:
+        raise ValueError(f"{where}: amsgrad=True is not supported by the low-bit optimizers")
+    bs = group["block_size"]
+    max_bs = 8192
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs % 8 or bs > max_bs:
+        raise ValueError(f"{where}: block_size must be a positive multiple of 8 up to {max_bs}, got {bs!r}")
+    mqs = group["min_quant_size"]
+    if not isinstance(mqs, int) or isinstance(mqs, bool) or mqs < 0:
+        raise ValueError(f"{where}: min_quant_size must be an int >= 0, got {mqs!r}")
+    if not isinstance(group["maximize"], bool):
+        raise TypeError(f"{where}: maximize must be a bool, got {group['maximize']!r}")
+
+
+def _doc(name: str, fmt: str, decoupled: bool) -> str:
+    bytes_ = {"8bit": "2", "4bit": "1", "fp8": "2"}[fmt]
+    wd = ("decoupled weight decay as torch.optim.AdamW (default 1e-2)" if decoupled
+          else "weight decay added to the gradient as torch.optim.Adam (default 0)")
+    return (
+        f"{'AdamW' if decoupled else 'Adam'} with {fmt} blockwise-quantized moments ({bytes_} B/param of state); "
+        f"{wd}.\n\n"
+        "Args: params, lr (float or 1-element Tensor), betas, eps, weight_decay, amsgrad (must be False),\n"
+        "maximize; block_size (elements per quantization block, multiple of 8; default "
+        f"{FORMATS[fmt].default_block_size}),\n"
+        "min_quant_size (tensors with fewer elements keep fp32 state; default 4096),\n"
+        "bf16_stochastic_round (bf16 params: round the fp32 update stochastically).\n"
+        "State formats: see lowbit.optim.formats. Parameters: fp32 or bf16 use the fused CPU kernel on CPU;\n"
+        "other dtypes and devices use the pure-torch step.\n"
+    )
+
+
+def _make(name: str, fmt: str, decoupled: bool) -> type:
+    cls = type(name, (_AdamLowBit,), {"_format": fmt, "_decoupled": decoupled, "__doc__": _doc(name, fmt, decoupled)})
+    cls.__module__ = __name__
+    return cls
+
+
+AdamW8bit = _make("AdamW8bit", "8bit", True)
+AdamW4bit = _make("AdamW4bit", "4bit", True)
+AdamWFp8 = _make("AdamWFp8", "fp8", True)
+Adam8bit = _make("Adam8bit", "8bit", False)
+Adam4bit = _make("Adam4bit", "4bit", False)
+AdamFp8 = _make("AdamFp8", "fp8", False)
+
+__all__ = ["AdamW8bit", "AdamW4bit", "AdamWFp8", "Adam8bit", "Adam4bit", "AdamFp8"]
