@@ -45,12 +45,13 @@ def _tied_embedding_names(model: nn.Module, emb_fqns: list[str]) -> list[str]:
         w = model.get_submodule(fqn).weight
         if len(owners.get(id(w), [])) > 1:
             tied.append(fqn)
-    # torchtune's TiedLinear holds the embedding module itself, not a Parameter: detect it too
+    # torchtune's TiedLinear (a plain object, not a Module) holds the embedding module itself
     for _, mod in model.named_modules():
-        tied_mod = getattr(mod, "tied_module", None)
-        for fqn in emb_fqns:
-            if tied_mod is model.get_submodule(fqn) and fqn not in tied:
-                tied.append(fqn)
+        for attr in vars(mod).values():
+            tied_mod = getattr(attr, "tied_module", None)
+            for fqn in emb_fqns:
+                if tied_mod is not None and tied_mod is model.get_submodule(fqn) and fqn not in tied:
+                    tied.append(fqn)
     return tied
 
 
