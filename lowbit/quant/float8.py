@@ -45,14 +45,18 @@ def tensor_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 def amax_to_scale(amax: torch.Tensor, float8_dtype: torch.dtype, power_of_2: bool = False) -> torch.Tensor:
     """float32 scale ``fp8_max / clamp(amax, 1e-12)``, the division done in float64.
 
-    With ``power_of_2`` the scale is rounded down to the nearest power of two (``2**floor(log2(s))``),
-    so scaling never rounds and the scaled amax stays <= fp8_max.
+    With ``power_of_2`` the scale is rounded down to the nearest power of two (``2**floor(log2(s))``,
+    exactly), so scaling never rounds and the scaled amax stays <= fp8_max. (torchao 0.14.1 computes
+    ``exp2(floor(log2(s)))`` in float32 and so rounds *up* when ``s`` is within a few ulp below a power
+    of two; the two agree everywhere else.)
     """
     _check_float8_dtype(float8_dtype)
     scale = torch.finfo(float8_dtype).max / torch.clamp(amax.to(torch.float64), min=EPS)
     scale = scale.to(torch.float32)
     if power_of_2:
-        scale = torch.exp2(torch.floor(torch.log2(scale)))
+        pow2 = torch.exp2(torch.floor(torch.log2(scale)))
+        # float32 log2 rounds up to k for scales a few ulp below 2**k; step those back down (NaN stays NaN)
+        scale = torch.where(pow2 > scale, pow2 * 0.5, pow2)
     return scale
 
 
@@ -155,7 +159,7 @@ def float8_mm(
 
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB, computed in float64."""
-    ref, x = ref.double(), x.double()
+    ref, x = ref.detach().double(), x.detach().double()
     noise = torch.linalg.vector_norm(ref - x)
     if noise == 0:
         return float("inf")
