@@ -110,3 +110,22 @@ def build_model(preset: str | ModelArgs, **overrides) -> TransformerDecoder:
 def num_params(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def init_weights(model: TransformerDecoder, std: float = 0.02) -> TransformerDecoder:
+    """Initialise a decoder for pretraining from scratch (GPT-2 style), in place.
+
+    torchtune's builders leave ``nn.Embedding`` at N(0, 1), which with tied output weights gives
+    initial logits of std ~sqrt(embed_dim) and a loss far above ln(vocab). Here every linear and
+    embedding weight is N(0, std) and the residual output projections N(0, std / sqrt(2 * layers)).
+    """
+    import math
+
+    n_layers = len(model.layers)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("output_proj", "w2")) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    return model

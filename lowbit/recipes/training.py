@@ -30,7 +30,7 @@ from lowbit.models.checkpoint import (
     remove_stale_tmp,
     save_model_dir,
 )
-from lowbit.models.presets import ModelArgs, get_preset
+from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
 from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
 
@@ -138,9 +138,7 @@ class TrainingRecipe:
                 f"tokenizer at {tok_dir} has {vocab_size_of(tokenizer)} tokens but model preset "
                 f"{cfg.model.preset!r} has vocab_size {args.vocab_size}"
             )
-        from lowbit.models.presets import build_model
-
-        return build_model(args), tokenizer, tok_dir, args
+        return init_weights(build_model(args)), tokenizer, tok_dir, args
 
     def _texts(self) -> list[str]:
         data = self.cfg.data
