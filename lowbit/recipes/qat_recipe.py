@@ -35,7 +35,7 @@ class QATRecipe(TrainingRecipe):
         super().__init__(cfg)
         q = cfg.get("qat")
         if q is None or not q.get("scheme"):
-            raise ConfigError("qat_recipe needs config key 'qat.scheme' (one of %s)" % list(qat.SCHEMES))
+            raise ConfigError(f"qat_recipe needs config key 'qat.scheme' (one of {list(qat.SCHEMES)})")
         try:
             self.scheme = qat.get_scheme(q.scheme, q.get("group_size"))
         except ValueError as e:
