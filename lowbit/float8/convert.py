@@ -1,7 +1,8 @@
 """Swap ``nn.Linear`` layers for ``Float8Linear`` (and back), with the module filters.
 
 ``module_filter_fn(module, fqn) -> bool`` is asked about every ``nn.Linear`` (subclasses included) and
-returns True to convert it. The default filter converts a plain ``nn.Linear`` unless a dim is not a
+returns True to convert it. The default filter converts a plain ``nn.Linear`` (not a subclass such as
+a QAT fake-quant layer) unless a dim is not a
 multiple of 16 (``torch._scaled_mm`` needs that) or it is the output head (``output`` / ``lm_head``, whose
 logits are the most precision-sensitive GEMM). ``auto_filter(recipe)`` additionally skips layers too small
 to get faster in float8.
@@ -26,8 +27,8 @@ OUTPUT_HEAD_NAMES = ("output", "lm_head")
 
 def default_skip_reason(module: nn.Module, fqn: str) -> str | None:
     """Why the default filter leaves ``module`` in high precision, or None if it converts it."""
-    if not isinstance(module, nn.Linear):
-        return "not an nn.Linear"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__}, not a plain nn.Linear"
     if fqn.split(".")[-1] in OUTPUT_HEAD_NAMES:
         return "output head"
     n, k = module.weight.shape
