@@ -26,6 +26,7 @@ _SRC = Path(__file__).parent / "csrc" / "adam_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno"]
 _lib = None
 _failed: str | None = None
+SCALAR_ONLY = False  # tests: run the kernel's scalar path everywhere (no AVX2 lanes)
 
 
 def _cpu_id() -> str:
@@ -124,7 +125,7 @@ def _ptrs(ts: list[Tensor]):
 
 def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
          block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool,
-         scalar_only: bool = False) -> None:
+         scalar_only: bool | None = None) -> None:
     """Update ``params`` (same dtype, CPU, contiguous) and their states in one fused call.
 
     ``hyper``: fp32 ``[len(params), 9]`` rows (see ``_torch_step.HYPER_FIELDS``); ``fmt=None`` for
@@ -146,6 +147,7 @@ def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: li
     hyper = hyper.contiguous()
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     seeds_t = torch.tensor(seeds, dtype=torch.int64).to(torch.int32)  # low 32 bits
+    scalar_only = SCALAR_ONLY if scalar_only is None else scalar_only
     flags = (1 if maximize else 0) | (2 if coupled else 0) | (4 if stochastic else 0) | (8 if scalar_only else 0)
 
     def ptr(t):

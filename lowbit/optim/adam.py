@@ -151,10 +151,7 @@ class _AdamLowBit(torch.optim.Optimizer):
             f: StateFormat | None = fmt if quant else None
             hyper = torch.tensor([it[3] for it in items], dtype=torch.float32)
             stochastic = sr and dtype == torch.bfloat16
-            seeds = [0] * len(items)
-            if stochastic:
-                base = int(torch.randint(0, 2**31 - 1, (1,)))
-                seeds = [(base + j * 0x9E3779B9) & _MASK32 for j in range(len(items))]
+            seeds = _sr_seeds(len(items)) if stochastic else [0] * len(items)
             lib = _cpu_kernel.get() if use_kernel else None
             if lib is not None:
                 _cpu_kernel.step(lib, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items], f,
@@ -168,6 +165,12 @@ class _AdamLowBit(torch.optim.Optimizer):
         """Bytes held by optimizer state tensors (codes, scales, fp32 moments, step counters)."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
                    if isinstance(t, Tensor))
+
+
+def _sr_seeds(n: int) -> list[int]:
+    """Per-parameter 32-bit seeds for stochastic rounding, drawn from torch's default generator."""
+    base = int(torch.randint(0, 2**31 - 1, (1,)))
+    return [(base + j * 0x9E3779B9) & _MASK32 for j in range(n)]
 
 
 def _where(group: dict, gi: int, i: int) -> str:
