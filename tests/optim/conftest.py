@@ -42,3 +42,12 @@ def no_kernel(monkeypatch):
 def seed_all(s=0):
     torch.manual_seed(s)
     np.random.seed(s)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP teams of 2 stall on busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
