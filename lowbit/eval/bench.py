@@ -1,0 +1,321 @@
+"""CPU inference throughput: prefill / decode tokens/s, time to first token, memory, host overhead.
+
+One row per (scheme, compiled or eager) configuration of one model::
+
+    lowbit bench --preset small_150m --schemes none,8w,4w,8da4w --both --output bench_out
+    lowbit bench --checkpoint runs/tiny/step_100 --schemes 4w --compile
+
+Measurements (``bench_model``), all on the same prompt of random token ids:
+
+* ``prefill_tok_s``: ``B * P`` / median time of one prefill forward (P = ``--prompt-len``).
+* ``ttft_ms``: median time from the prompt to the first sampled token (prefill + argmax).
+* ``decode_tok_s``: ``B`` / median time of one decode step (one token per sequence, static KV cache).
+* ``peak_rss_mb``: peak resident memory of the process during the timed generation (sampled).
+* ``model_mb``: bytes of the weights as stored (quantized codes + scales + float parts).
+* ``host_ms`` / ``kernel_ms`` per decode step: ``torch.profiler`` sums the self CPU time of the ATen ops
+  and Inductor kernels (``kernel_ms``); ``host_ms`` is the unprofiled step time minus that, i.e. Python,
+  dispatch and tensor-subclass overhead outside the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.eval.compile import CompilerNotFoundError, compile_for_cpu
+from lowbit.eval.generate import Generator
+from lowbit.eval.quantize import INFERENCE_SCHEMES, model_bytes, quantize_for_inference
+
+RANDOM_WEIGHTS_NOTE = "random-weight preset: speed only, the generated text is meaningless"
+
+
+class _PeakRSS:
+    """Samples the process RSS (``/proc/self/statm``) in a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval, self.peak, self._stop = interval_s, _rss(), threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the (non-resettable) high-water mark
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _kernel_time_us(prof) -> float:
+    """Self CPU time (us) of the events that do the work: ATen ops and Inductor's C++ kernels."""
+    total = 0.0
+    for e in prof.events():
+        if e.name.startswith(("aten::", "cpp_fused", "mkl", "onednn", "mkldnn")):
+            total += e.self_cpu_time_total
+    return total
+
+
+@torch.no_grad()
+def bench_model(model: nn.Module, *, prompt_len: int = 64, decode_tokens: int = 32, batch_size: int = 1,
+                repeats: int = 3, vocab_size: int | None = None, profile: bool = True, seed: int = 0) -> dict:
+    """Time prefill and decode of ``model`` (eager or compiled) with a static KV cache.
+
+    Args:
+        model: torchtune ``TransformerDecoder`` or its compiled wrapper.
+        prompt_len / decode_tokens / batch_size: prompt ``(B, P)`` and number of decode steps timed.
+        repeats: full prefill + decode runs timed after one warm-up run (which compiles); medians reported.
+        profile: also run ``decode_tokens`` steps under ``torch.profiler`` for host vs kernel time.
+
+    Returns:
+        dict with ``prefill_tok_s``, ``ttft_ms``, ``decode_tok_s``, ``decode_ms``, ``peak_rss_mb``,
+        ``host_ms``, ``kernel_ms`` (None without ``profile``).
+    """
+    if prompt_len < 1 or decode_tokens < 1 or batch_size < 1 or repeats < 1:
+        raise ValueError("prompt_len, decode_tokens, batch_size and repeats must all be >= 1")
+    dec = getattr(model, "_orig_mod", model)
+    vocab = vocab_size or dec.tok_embeddings.num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=g)
+    gen = Generator(model, batch_size, prompt_len + decode_tokens + 1)
+
+    def run(steps: list[float], prefills: list[float], ttfts: list[float]):
+        gen.reset()
+        t0 = time.perf_counter()
+        logits = gen.prefill(prompt)
+        t1 = time.perf_counter()
+        tok = logits.argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+        prefills.append(t1 - t0)
+        ttfts.append(t2 - t0)
+        for _ in range(decode_tokens):
+            t = time.perf_counter()
+            tok = gen.step(tok).argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - t)
+
+    run([], [], [])  # warm-up: compiles the prefill and decode graphs
+    steps, prefills, ttfts = [], [], []
+    with _PeakRSS() as mem:
+        for _ in range(repeats):
+            run(steps, prefills, ttfts)
+    step_s = statistics.median(steps)
+    out = {
+        "prefill_tok_s": batch_size * prompt_len / statistics.median(prefills),
+        "ttft_ms": 1e3 * statistics.median(ttfts),
+        "decode_tok_s": batch_size / step_s,
+        "decode_ms": 1e3 * step_s,
+        "peak_rss_mb": mem.peak / 2**20,
+        "host_ms": None,
+        "kernel_ms": None,
+    }
+    if profile:
+        gen.reset()
+        tok = gen.prefill(prompt).argmax(-1, keepdim=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(decode_tokens):
+                tok = gen.step(tok).argmax(-1, keepdim=True)
+        kernel_ms = _kernel_time_us(prof) / 1e3 / decode_tokens
+        out["kernel_ms"] = kernel_ms
+        out["host_ms"] = max(0.0, 1e3 * step_s - kernel_ms)
+    return out
+
+
+def _load(source: str | nn.Module, dtype: torch.dtype | None):
+    """(float model, description, vocab) from a preset name, a checkpoint dir or a model."""
+    if isinstance(source, nn.Module):
+        return source.eval(), "given model", None
+    src = str(source)
+    from lowbit.models import PRESETS, build_model
+
+    if src in PRESETS:
+        torch.manual_seed(0)
+        model = build_model(src).eval()
+        return model, f"preset {src} ({RANDOM_WEIGHTS_NOTE})", None
+    path = Path(src)
+    if not path.exists():
+        raise ValueError(f"{src!r} is neither a model preset ({sorted(PRESETS)}) nor an existing checkpoint dir")
+    from lowbit.models.checkpoint import load_checkpoint
+
+    model, _tok, meta = load_checkpoint(path)
+    return model.eval(), f"checkpoint {meta.get('path', src)}", None
+
+
+def parse_schemes(text: str) -> list[str]:
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    if not schemes:
+        raise ValueError("--schemes is empty; give e.g. none,8w,4w,8da4w")
+    bad = [s for s in schemes if s not in INFERENCE_SCHEMES]
+    if bad:
+        raise ValueError(f"unknown scheme(s) {bad} in --schemes; expected names from {list(INFERENCE_SCHEMES)}")
+    return schemes
+
+
+def bench_rows(source: str | nn.Module, schemes: list[str], *, modes=("eager", "compiled"),
+               dtype: torch.dtype | None = None, group_size: int | None = None, prompt_len: int = 64,
+               decode_tokens: int = 32, batch_size: int = 1, repeats: int = 3, profile: bool = True,
+               log=print) -> tuple[list[dict], str]:
+    """Benchmark each (scheme, mode) on copies of one float model; returns (rows, description).
+
+    ``none`` is benchmarked in the model's own dtype (the fp32 baseline) unless ``dtype`` is given;
+    the quantized schemes in ``dtype`` or their kernel's dtype (see ``quantize_for_inference``).
+    Each row also has ``speedup``: decode tok/s over the first row (the baseline).
+    """
+    for m in modes:
+        if m not in ("eager", "compiled"):
+            raise ValueError(f"unknown mode {m!r}; expected 'eager' or 'compiled'")
+    base, desc, _ = _load(source, dtype)
+    rows = []
+    for scheme in schemes:
+        for mode in modes:
+            gs = group_size if scheme in ("4w", "8da4w") else None
+            model = quantize_for_inference(copy.deepcopy(base), scheme, group_size=gs, dtype=dtype)
+            nbytes = model_bytes(model)
+            mdtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            if mode == "compiled":
+                model = compile_for_cpu(model)
+            t = time.perf_counter()
+            r = bench_model(model, prompt_len=prompt_len, decode_tokens=decode_tokens, batch_size=batch_size,
+                            repeats=repeats, profile=profile)
+            row = {"scheme": scheme, "mode": mode, "dtype": str(mdtype).removeprefix("torch."),
+                   "model_mb": nbytes / 2**20, **r, "wall_s": time.perf_counter() - t}
+            rows.append(row)
+            log(f"  {scheme:6s} {mode:8s} {row['dtype']:8s} decode {row['decode_tok_s']:7.2f} tok/s  "
+                f"prefill {row['prefill_tok_s']:8.1f} tok/s  ttft {row['ttft_ms']:7.1f} ms")
+            del model
+            gc.collect()
+    for row in rows:
+        row["speedup"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+    return rows, desc
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Markdown table of bench rows (speedup is decode tok/s relative to the first row)."""
+    head = ("| scheme | mode | dtype | decode tok/s | speedup | prefill tok/s | TTFT ms | host ms/tok | "
+            "kernel ms/tok | model MB | peak RSS MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['scheme']} | {r['mode']} | {r['dtype']} | {r['decode_tok_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['prefill_tok_s']:.1f} | {r['ttft_ms']:.1f} | {_fmt(r['host_ms'], '.2f')} | "
+            f"{_fmt(r['kernel_ms'], '.2f')} | {r['model_mb']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_speed_arm(model_or_preset: str | nn.Module, schemes: list[str] | str, workdir: str | Path, *,
+                  modes=("compiled",), prompt_len: int = 32, decode_tokens: int = 16, repeats: int = 2,
+                  baseline: bool = True, log=print) -> dict:
+    """The demo's speed section: bench ``schemes``, write ``speed.json``, ``speed.md``, ``decode_tok_s.png``.
+
+    Args:
+        model_or_preset: a float model, a preset name or a checkpoint dir.
+        schemes: names (list or comma-separated) from ``none, 8w, 8da8w, 4w, 8da4w``.
+        workdir: output directory (created).
+        modes: ``("compiled",)``, ``("eager",)`` or both.
+        baseline: prepend the fp32/float eager ``none`` row (the reference for ``speedup``).
+
+    Returns:
+        ``{"rows": [...], "markdown": str, "plot": path, "description": str}``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
+    parse_schemes(",".join(schemes))
+    rows, desc = [], ""
+    if baseline:
+        rows, desc = bench_rows(model_or_preset, ["none"], modes=("eager",), prompt_len=prompt_len,
+                                decode_tokens=decode_tokens, repeats=repeats, log=log)
+    more, desc = bench_rows(model_or_preset, schemes, modes=modes, prompt_len=prompt_len,
+                            decode_tokens=decode_tokens, repeats=repeats, log=log)
+    rows += more
+    for r in rows:
+        r["speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
+    md = (f"Decode / prefill throughput on CPU ({desc}; prompt {prompt_len} tokens, {decode_tokens} decode "
+          f"steps, batch 1; speedup = decode tok/s over the first row).\n\n" + markdown_table(rows))
+    from lowbit.eval.plots import plot_bars
+
+    plot = plot_bars({f"{r['scheme']} {r['mode']}": r["decode_tok_s"] for r in rows},
+                     "CPU decode throughput per scheme", "decode tokens/s", workdir / "decode_tok_s.png")
+    (workdir / "speed.json").write_text(json.dumps({"description": desc, "rows": rows}, indent=2))
+    (workdir / "speed.md").write_text(md + "\n")
+    return {"rows": rows, "markdown": md, "plot": str(plot), "description": desc}
+
+
+_DTYPE_NAMES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit bench", description="CPU inference throughput per quantization scheme")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="lowbit checkpoint dir (or run dir: its latest checkpoint)")
+    src.add_argument("--preset", help="model preset with random weights (speed only), e.g. small_150m")
+    p.add_argument("--schemes", default="none,8w,4w,8da4w", help="comma-separated: none,8w,8da8w,4w,8da4w")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--compile", dest="modes", action="store_const", const=("compiled",),
+                      help="torch.compile with the CPU Inductor flags (default)")
+    mode.add_argument("--eager", dest="modes", action="store_const", const=("eager",))
+    mode.add_argument("--both", dest="modes", action="store_const", const=("eager", "compiled"))
+    p.add_argument("--dtype", default="auto", choices=sorted(_DTYPE_NAMES),
+                   help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype")
+    p.add_argument("--group-size", type=int, default=None, help="group size for 4w / 8da4w")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-profile", action="store_true", help="skip the host/kernel time profile")
+    p.add_argument("--output", help="directory for bench.json and bench.md")
+    p.set_defaults(modes=("compiled",))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lowbit bench``: prints a markdown table; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        schemes = parse_schemes(args.schemes)
+        rows, desc = bench_rows(
+            args.checkpoint or args.preset, schemes, modes=args.modes, dtype=_DTYPE_NAMES[args.dtype],
+            group_size=args.group_size, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
+            batch_size=args.batch_size, repeats=args.repeats, profile=not args.no_profile,
+        )
+    except (ValueError, KeyError, FileNotFoundError, CompilerNotFoundError) as e:
+        print(f"lowbit bench: error: {e}")
+        return 2
+    md = (f"{desc}; torch {torch.__version__}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, "
+          f"{args.decode_tokens} decode steps, batch {args.batch_size}\n\n{markdown_table(rows)}")
+    print(md)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"description": desc, "rows": rows}, indent=2))
+        (out / "bench.md").write_text(md + "\n")
+    return 0
