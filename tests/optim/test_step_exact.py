@@ -1,7 +1,6 @@
 """The fast step (fused C++ kernel, its scalar path, the pure-torch step) equals the slow
 reference step bit for bit: parameters and every state tensor, over several steps."""
 
-import numpy as np
 import pytest
 import torch
 
