@@ -13,8 +13,8 @@ Measurements (``bench_model``), all on the same prompt of random token ids:
 * ``peak_rss_mb``: peak resident memory of the process during the timed generation (sampled).
 * ``model_mb``: bytes of the weights as stored (quantized codes + scales + float parts).
 * ``host_ms`` / ``kernel_ms`` per decode step: ``torch.profiler`` sums the self CPU time of the ATen ops
-  and Inductor kernels (``kernel_ms``); ``host_ms`` is the unprofiled step time minus that, i.e. Python,
-  dispatch and tensor-subclass overhead outside the kernels.
+  and Inductor's C++ kernels (compiled with ``cpp.enable_kernel_profile``) as ``kernel_ms``; ``host_ms``
+  is the unprofiled step time minus that: Python, dispatch and tensor-subclass overhead outside kernels.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _kernel_time_us(prof) -> float:
     """Self CPU time (us) of the events that do the work: ATen ops and Inductor's C++ kernels."""
     total = 0.0
     for e in prof.events():
-        if e.name.startswith(("aten::", "cpp_fused", "mkl", "onednn", "mkldnn")):
+        if e.name.startswith(("aten::", "graph_", "cpp_fused", "aoti_torch_", "mkldnn", "onednn")):
             total += e.self_cpu_time_total
     return total
 
@@ -196,7 +196,8 @@ def bench_rows(source: str | nn.Module, schemes: list[str], *, modes=("eager", "
             nbytes = model_bytes(model)
             mdtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
             if mode == "compiled":
-                model = compile_for_cpu(model)
+                # kernel profile: Inductor's C++ kernels show up in torch.profiler (for kernel_ms)
+                model = compile_for_cpu(model, flags={"cpp.enable_kernel_profile": True} if profile else None)
             t = time.perf_counter()
             r = bench_model(model, prompt_len=prompt_len, decode_tokens=decode_tokens, batch_size=batch_size,
                             repeats=repeats, profile=profile)

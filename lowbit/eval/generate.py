@@ -114,6 +114,10 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, tem
 
     Returns:
         ``(B, P + max_new_tokens)`` int64: the prompt followed by the generated tokens.
+
+    The KV caches stay set up on the model (the next call with the same shapes reuses them; torchtune
+    then requires ``mask`` / ``input_pos`` in every forward). Remove them with
+    ``torchtune.modules.common_utils.delete_kv_caches(model)`` to run plain full-sequence forwards again.
     """
     if prompt.ndim != 2 or prompt.dtype != torch.long:
         raise ValueError(f"prompt must be a (B, P) int64 tensor, got shape {tuple(prompt.shape)} {prompt.dtype}")

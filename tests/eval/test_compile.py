@@ -1,0 +1,70 @@
+"""compile_for_cpu: the Xeon flags apply to this model only, subclasses unwrapped, compiler errors."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+import lowbit.eval.compile as lc
+from lowbit.eval.compile import CPU_INDUCTOR_FLAGS, CompilerNotFoundError, compile_for_cpu
+from lowbit.eval.generate import generate
+from lowbit.eval.quantize import quantize_for_inference
+from lowbit.models import build_model
+
+
+def _flag_values():
+    import torch._inductor.config as cfg
+
+    return {k: (getattr(cfg.cpp, k[4:]) if k.startswith("cpp.") else getattr(cfg, k)) for k in CPU_INDUCTOR_FLAGS}
+
+
+def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkeypatch):
+    """One (slow) compile: 4w tiny model, prefill + decode graphs, flags seen by Inductor, then restored."""
+    from torch._inductor import compile_fx
+
+    torch.manual_seed(0)
+    model = quantize_for_inference(build_model("tiny", num_layers=1).eval(), "4w")
+    eager = copy.deepcopy(model)
+    before = _flag_values()
+    seen = []
+    real = compile_fx._compile_fx_inner
+
+    def spy(*args, **kwargs):  # runs inside Inductor's config.patch(options) for this model
+        seen.append(_flag_values())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", spy)
+    compiled = compile_for_cpu(model)
+    assert parametrize.is_parametrized(model.layers[0].attn.q_proj, "weight")  # subclass unwrapped
+    prompt = torch.randint(0, 1024, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = generate(compiled, prompt, 5)
+        assert torch.equal(out, generate(eager, prompt, 5))
+    assert seen and all(v == CPU_INDUCTOR_FLAGS for v in seen), seen
+    assert _flag_values() == before  # nothing left set globally
+    assert not any(before.values())
+
+
+def test_missing_compiler_gives_clear_error(monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    monkeypatch.setenv("CXX", "/nonexistent/bin/g++")
+    with pytest.raises(CompilerNotFoundError, match="without --compile"):
+        compile_for_cpu(model)
+    monkeypatch.delenv("CXX")
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler found in ('g++',)")
+
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(CompilerNotFoundError, match="without --compile"):
+        lc.find_cpp_compiler()
+
+
+def test_bad_flags_and_inputs():
+    with pytest.raises(ValueError, match="cpp.no_such_flag"):
+        compile_for_cpu(torch.nn.Linear(4, 4), flags={"cpp.no_such_flag": True})
+    with pytest.raises(TypeError, match="nn.Module"):
+        compile_for_cpu(lambda x: x)
