@@ -58,10 +58,6 @@ inline float adam_scalar(float p, float g, float& m, float& v, const Hyper& h) {
   return p - h.step_size * (m / denom);
 }
 
-inline float finite_abs(float x) {
-  float a = std::fabs(x);
-  return a <= 3.4028234663852886e38f ? a : 0.0f;
-}
 
 inline int encode_table_scalar(float x, const Codec& c) {
   uint32_t b = f2u(x);
@@ -123,10 +119,10 @@ inline __m256 adam_vec(__m256 p, __m256 g, __m256& m, __m256& v, const HyperV& H
   return _mm256_sub_ps(p, _mm256_mul_ps(H.ss, _mm256_div_ps(m, denom)));
 }
 
-inline __m256 finite_abs_vec(__m256 x) {
+
+inline __m256 zero_non_finite(__m256 x) {
   __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  __m256 ok = _mm256_cmp_ps(a, _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
-  return _mm256_and_ps(a, ok);
+  return _mm256_and_ps(x, _mm256_cmp_ps(a, _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ));
 }
 
 inline float hmax(__m256 x) {
@@ -171,9 +167,8 @@ inline __m256i encode_fp8_vec(__m256 x) {  // x finite
   return _mm256_or_si256(mag, sign);
 }
 
-inline __m256 decode8_vec(const uint8_t* codes, const float* qmap) {
-  __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)codes));
-  return _mm256_i32gather_ps(qmap, idx, 4);
+inline __m256 decode8_vec(const uint8_t* c, const float* q) {  // measured: beats vpgatherdd on Zen 3
+  return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
 }
 
 inline void store8_codes(uint8_t* dst, __m256i c) {
@@ -307,10 +302,13 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
       vv = _mm256_mul_ps(vv, vsv);
       __m256 pp = adam_vec(load_p_vec<P>(p + i), load_p_vec<P>(g + i), mm, vv, H, h);
       store_p_vec<P>(p + i, pp, (uint32_t)(base + i), h);
+      // non-finite moments are stored as 0 and stay out of the absmax
+      mm = zero_non_finite(mm);
+      vv = zero_non_finite(vv);
       _mm256_store_ps(mb + i, mm);
       _mm256_store_ps(vb + i, vv);
-      vam = _mm256_max_ps(vam, finite_abs_vec(mm));
-      vav = _mm256_max_ps(vav, finite_abs_vec(vv));
+      vam = _mm256_max_ps(vam, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), mm));
+      vav = _mm256_max_ps(vav, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), vv));
     }
     am = hmax(vam);
     av = hmax(vav);
@@ -321,10 +319,10 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
     float vv = decode_scalar(vc, i, qv, four) * sv;
     float pp = adam_scalar(load_p<P>(p, i), load_p<P>(g, i), mm, vv, h);
     store_p<P>(p, i, pp, (uint32_t)(base + i), h);
-    mb[i] = mm;
-    vb[i] = vv;
-    am = std::max(am, finite_abs(mm));
-    av = std::max(av, finite_abs(vv));
+    mb[i] = std::isfinite(mm) ? mm : 0.0f;  // non-finite moments: stored as 0, out of the absmax
+    vb[i] = std::isfinite(vv) ? vv : 0.0f;
+    am = std::max(am, std::fabs(mb[i]));
+    av = std::max(av, std::fabs(vb[i]));
   }
 
   const bool fp8 = A.mode == FP8;
@@ -339,12 +337,8 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   if (!A.scalar_only) {
     __m256 vim = _mm256_set1_ps(im), viv = _mm256_set1_ps(iv);
     for (; i + 8 <= n; i += 8) {
-      __m256 mm = _mm256_load_ps(mb + i), vv = _mm256_load_ps(vb + i);
-      // non-finite -> 0 (finite_abs is 0 exactly for them; keep the sign of finite values)
-      __m256 mok = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), mm), _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
-      __m256 vok = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), vv), _mm256_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
-      __m256 xm = _mm256_and_ps(_mm256_mul_ps(mm, vim), mok);
-      __m256 xv = _mm256_and_ps(_mm256_mul_ps(vv, viv), vok);
+      __m256 xm = _mm256_mul_ps(_mm256_load_ps(mb + i), vim);
+      __m256 xv = _mm256_mul_ps(_mm256_load_ps(vb + i), viv);
       if (fp8) {
         store8_codes(mc + i, encode_fp8_vec(xm));
         store8_codes(vc + i, encode_fp8_vec(xv));
@@ -359,8 +353,8 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   }
 #endif
   for (; i < n; ++i) {
-    float xm = std::isfinite(mb[i]) ? mb[i] * im : 0.0f;
-    float xv = std::isfinite(vb[i]) ? vb[i] * iv : 0.0f;
+    float xm = mb[i] * im;
+    float xv = vb[i] * iv;
     if (fp8) {
       mc[i] = encode_fp8_scalar(xm);
       vc[i] = encode_fp8_scalar(xv);
