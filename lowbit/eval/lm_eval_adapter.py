@@ -74,7 +74,7 @@ class LowbitLM(TemplateLM):
             for row, i in enumerate(idx):
                 inp = prepared[i][0]
                 batch[row, : len(inp)] = torch.tensor(inp)
-            logprobs = F.log_softmax(self.logits(batch), dim=-1)
+            logprobs = F.log_softmax(self.logits(batch).double(), dim=-1)  # float64: sums of many tokens
             for row, i in enumerate(idx):
                 inp, n, cont = prepared[i]
                 lp = logprobs[row, len(inp) - n: len(inp)]  # positions predicting the continuation

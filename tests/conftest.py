@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet, and fair to a 2-core CI machine.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A very small training setup for recipe tests: seconds per run on 2 cores.
+SMALL_RUN = [
+    "model.overrides.num_layers=1", "model.overrides.embed_dim=64", "model.overrides.intermediate_dim=128",
+    "data.num_docs=128", "data.seq_len=32", "batch_size=4", "progress_bar=false",
+    "lr_scheduler.num_warmup_steps=2",
+]
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """Overrides for a seconds-long training run writing into a fresh directory."""
+    return [*SMALL_RUN, f"output_dir={tmp_path / 'run'}"]
