@@ -63,6 +63,7 @@ class _AdamLowBit(torch.optim.Optimizer):
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
         _check_hparams(group, f"param_groups[{gi}]")
+        group["betas"] = tuple(float(b) for b in group["betas"])  # plain floats: weights_only-loadable
         for i, p in enumerate(group["params"]):
             where = _where(group, gi, i)
             if p.is_complex():

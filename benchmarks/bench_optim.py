@@ -1,0 +1,182 @@
+"""Low-bit optimizer step time and state memory vs torch AdamW, torchao and bitsandbytes (CPU).
+
+Setup (issue 3): 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer
+owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
+all peers see the same machine load; the figure is the median per optimizer.
+
+    .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both]
+
+Quality (the demo's optimizer arm: tiny-model pretraining with fp32 AdamW, AdamW8bit, AdamWFp8,
+AdamW4bit; same steps, data, seed; final loss = mean of the last 20 training losses):
+
+    .venv/bin/python benchmarks/bench_optim.py --quality [--workdir DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+N_LAYERS, DIM = 8, 1024
+
+
+def make_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    ps = []
+    for _ in range(N_LAYERS):
+        p = torch.nn.Parameter((torch.randn(DIM, DIM, generator=g) * 0.02).to(dtype))
+        p.grad = (torch.randn(DIM, DIM, generator=g) * 1e-3).to(dtype)
+        ps.append(p)
+    return ps
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if not isinstance(v, torch.Tensor):
+                continue
+            parts = [getattr(v, a) for a in ("codes", "scale", "qmap") if hasattr(v, a)]  # torchao subclasses
+            for t in parts or [v]:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def peers(dtype):
+    """name -> (factory, peer name for the ratio)."""
+    from lowbit import optim as lo
+
+    out = {
+        "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None),
+        "torch AdamW foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None),
+    }
+    try:
+        import torchao.optim as tao
+
+        out["torchao AdamW8bit"] = (lambda ps: tao.AdamW8bit(ps, lr=1e-3), None)
+        out["torchao AdamW4bit"] = (lambda ps: tao.AdamW4bit(ps, lr=1e-3), None)
+        out["torchao AdamWFp8"] = (lambda ps: tao.AdamWFp8(ps, lr=1e-3), None)
+    except Exception as e:  # pragma: no cover
+        print(f"torchao unavailable: {e}")
+    try:
+        import bitsandbytes as bnb
+
+        out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None)
+    except Exception as e:  # pragma: no cover
+        print(f"bitsandbytes unavailable: {e}")
+    out["lowbit AdamW8bit"] = (lambda ps: lo.AdamW8bit(ps, lr=1e-3), ["torchao AdamW8bit", "bitsandbytes AdamW8bit"])
+    out["lowbit AdamW4bit"] = (lambda ps: lo.AdamW4bit(ps, lr=1e-3), ["torchao AdamW4bit"])
+    out["lowbit AdamWFp8"] = (lambda ps: lo.AdamWFp8(ps, lr=1e-3), ["torchao AdamWFp8"])
+    return out
+
+
+def run(dtype, rounds, slow_rounds):
+    entries = peers(dtype)
+    opts, nparams = {}, 0
+    for name, (make, _) in entries.items():
+        try:
+            ps = make_params(dtype)
+            nparams = sum(p.numel() for p in ps)
+            o = make(ps)
+            o.step()  # first step: state allocation, builds
+            opts[name] = o
+        except Exception as e:
+            print(f"{name}: failed on {dtype}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    times = {n: [] for n in opts}
+    for r in range(rounds):
+        for name, o in opts.items():
+            slow = name.startswith(("torchao", "bitsandbytes"))
+            if slow and r >= slow_rounds:
+                continue
+            t0 = time.perf_counter()
+            o.step()
+            times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+    fused = med.get("torch AdamW fused")
+    dname = str(dtype).replace("torch.", "")
+    print(f"\n### {dname} params, {nparams / 1e6:.1f}M, threads={torch.get_num_threads()}, "
+          f"rounds={rounds} (peers from torchao/bitsandbytes: {slow_rounds})")
+    print("| optimizer | step ms (median) | x fused AdamW | speed-up vs peer | state B/param |")
+    print("|---|---|---|---|---|")
+    for name, o in opts.items():
+        vs_peer = ""
+        peer_names = entries[name][1] or []
+        vs_peer = ", ".join(f"{med[p] / med[name]:.1f}x vs {p}" for p in peer_names if p in med)
+        print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
+              f"{state_bytes(o) / nparams:.3f} |")
+
+
+FIRST_STEP = r"""
+import os, time, torch, warnings
+warnings.filterwarnings("ignore")
+t0 = time.perf_counter()
+from lowbit.optim import AdamW8bit
+ps = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(8)]
+for p in ps: p.grad = torch.randn_like(p)
+t1 = time.perf_counter()
+opt = AdamW8bit(ps, lr=1e-3); opt.step()
+t2 = time.perf_counter()
+opt.step()
+t3 = time.perf_counter()
+print(f"first step incl. C++ build: {t2 - t1:.2f} s (import {t1 - t0:.2f} s); second step {1e3 * (t3 - t2):.1f} ms")
+"""
+
+
+def first_step():
+    with tempfile.TemporaryDirectory() as d:  # empty build cache: the first step builds the kernel
+        env = dict(os.environ, LOWBIT_EXTENSIONS_DIR=d)
+        out = subprocess.run([sys.executable, "-c", FIRST_STEP], env=env, capture_output=True, text=True)
+        print("\n" + (out.stdout.strip() or out.stderr.strip()[-2000:]))
+
+
+def quality(workdir, overrides):
+    from pathlib import Path
+
+    from lowbit.data.synthetic import generate_hellaswag, write_jsonl
+    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    eval_file = write_jsonl(generate_hellaswag(num_items=500, seed=0), workdir / "eval.jsonl")
+    opts = dict(OPTIMIZERS)
+    opts["AdamWFp8"] = "lowbit.optim.AdamWFp8"
+    t0 = time.perf_counter()
+    out = run_optim_arm(workdir, eval_file, ["progress_bar=false", *overrides], optimizers=opts)
+    print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, threads={torch.get_num_threads()}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(out["markdown"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--slow-rounds", type=int, default=5, help="rounds for the (slow) torchao / bnb peers")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--no-first-step", action="store_true")
+    ap.add_argument("--quality", action="store_true", help="run the tiny-model pretraining comparison")
+    ap.add_argument("--workdir", default="lowbit_runs/bench_optim_quality")
+    args, overrides = ap.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quality:
+        quality(args.workdir, overrides)
+        return
+    if not args.no_first_step:
+        first_step()
+    for d in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds)
+
+
+if __name__ == "__main__":
+    main()
