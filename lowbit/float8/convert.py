@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lowbit.float8.config import Float8TrainingConfig
+from lowbit.float8.fsdp import unwrap_weight, wrap_weight
 from lowbit.float8.linear import Float8Linear, check_float8_hardware
 from lowbit.quant.float8 import FLOAT8_DTYPES
 
@@ -155,6 +156,8 @@ def convert_to_float8_training(
         else:
             parent_name, _, name = fqn.rpartition(".")
             setattr(model.get_submodule(parent_name), name, new)
+        if config.enable_fsdp_float8_all_gather:
+            wrap_weight(new)
         converted.append(fqn or "<root>")
 
     log.info(
@@ -172,9 +175,11 @@ def convert_back(model: nn.Module) -> nn.Module:
     dict is unchanged, so the result saves and loads like a never-converted model.
     """
     if isinstance(model, Float8Linear):
+        unwrap_weight(model)
         return model.to_linear()
     targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, Float8Linear)]
     for fqn, module in targets:
+        unwrap_weight(module)
         parent_name, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name), name, module.to_linear())
     log.info("float8: converted %d layers back to nn.Linear", len(targets))

@@ -13,15 +13,27 @@ import torch
 from torch import nn
 
 from lowbit.float8.config import Float8TrainingConfig
+from lowbit.float8.fsdp import Float8GatheredWeight
 from lowbit.quant.float8 import E4M3, E5M2, cast_to_float8, float8_mm
+
+
+def _cast_weight_tensorwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) e4m3 weight and its 0-d scale; a weight all-gathered in float8 by FSDP2 is used as is."""
+    if isinstance(weight, Float8GatheredWeight):
+        return weight._data, weight._scale
+    return cast_to_float8(weight, E4M3)
 
 
 def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool) -> torch.Tensor:
     """output (M, N) = x (M, K) @ weight (N, K).T with both operands in e4m3."""
     rowwise = recipe != "tensorwise"
-    x_dim, w_dim = (-1, 0) if rowwise else (None, None)
-    x8, sx = cast_to_float8(x, E4M3, dim=x_dim, power_of_2=rowwise)
-    w8, sw = cast_to_float8(weight.t(), E4M3, dim=w_dim, power_of_2=rowwise)  # (K, N), scale (1, N)
+    if rowwise:
+        x8, sx = cast_to_float8(x, E4M3, dim=-1, power_of_2=True)
+        w8, sw = cast_to_float8(weight.t(), E4M3, dim=0, power_of_2=True)  # (K, N), scale (1, N)
+    else:
+        x8, sx = cast_to_float8(x, E4M3)
+        w8, sw = _cast_weight_tensorwise(weight)
+        w8 = w8.t()
     return float8_mm(x8, sx, w8, sw, x.dtype, use_fast_accum=True, emulate=emulate)
 
 
@@ -29,7 +41,7 @@ def _grad_input_gemm(go: torch.Tensor, weight: torch.Tensor, recipe: str, emulat
     """grad_input (M, K) = grad_output (M, N) @ weight (N, K)."""
     if recipe == "tensorwise":
         go8, sgo = cast_to_float8(go, E5M2)
-        w8, sw = cast_to_float8(weight, E4M3)
+        w8, sw = _cast_weight_tensorwise(weight)
     elif recipe == "rowwise":
         go8, sgo = cast_to_float8(go, E4M3, dim=-1, power_of_2=True)  # scale (M, 1)
         w8, sw = cast_to_float8(weight, E4M3, dim=0, power_of_2=True)  # scale (1, K)
