@@ -9,7 +9,6 @@ from pathlib import Path
 from lowbit.data.world import CONNECTORS, NAMES, World, make_world
 
 
-
 def narrate(world: World, activity: int, person: tuple[str, str], rng: random.Random) -> str:
     """One corpus document: the activity label followed by its whole script, in order."""
     name, pronoun = person
