@@ -16,6 +16,7 @@ from lowbit.float8.convert import (
     default_skip_reason,
     is_float8_model,
 )
+from lowbit.float8.fsdp import precompute_float8_scales_for_fsdp
 from lowbit.float8.linear import Float8Linear, check_float8_hardware
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "default_filter",
     "default_skip_reason",
     "is_float8_model",
+    "precompute_float8_scales_for_fsdp",
 ]

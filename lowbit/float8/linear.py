@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.float8.config import Float8TrainingConfig
-from lowbit.float8.fsdp import Float8GatheredWeight
+from lowbit.float8.fsdp import Float8AllGatherWeight, Float8GatheredWeight
 from lowbit.quant.float8 import E4M3, E5M2, cast_to_float8, float8_mm
 
 
@@ -99,6 +99,14 @@ def check_float8_hardware(device: torch.device, emulate: bool, layer: str = "") 
         )
 
 
+def _plain_weight_in_state_dict(module, state_dict, prefix, local_metadata):
+    """Save a float8 all-gather weight wrapper as the plain tensor it wraps (e.g. for safetensors)."""
+    w = state_dict.get(prefix + "weight")
+    if isinstance(w, Float8AllGatherWeight):
+        state_dict[prefix + "weight"] = w._tensor
+    return state_dict
+
+
 class Float8Linear(nn.Linear):
     """``nn.Linear`` with float8 GEMMs; parameters and state dict are exactly those of ``nn.Linear``.
 
@@ -112,6 +120,7 @@ class Float8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias, **kwargs)
         self.config = config if config is not None else Float8TrainingConfig()
         self.fqn = ""  # set by convert_to_float8_training; used in error messages
+        self._register_state_dict_hook(_plain_weight_in_state_dict)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8TrainingConfig, fqn: str = "") -> Float8Linear:
