@@ -100,7 +100,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24, help="decode steps timed per arm per round")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--skip-gemv", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 avoids OpenMP barrier stalls when other processes load the cores)")
+    p.add_argument("--bf16-arm", action="store_true", help="also time unquantized bf16 compiled")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = build_model(args.preset).eval()
     print(f"preset {args.preset}: {num_params(base) / 1e6:.1f}M params, random weights (speed only); "
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
         arms[name] = compile_for_cpu(m) if compiled else m
 
     add("fp32 eager", None)
-    add("bf16 compiled", None, dtype=torch.bfloat16, compiled=True)
+    if args.bf16_arm:
+        add("bf16 compiled", None, dtype=torch.bfloat16, compiled=True)
     for scheme in ("8w", "4w", "8da4w"):
         add(f"{scheme} eager", scheme)
         add(f"{scheme} compiled", scheme, compiled=True)
@@ -132,7 +138,8 @@ def main(argv=None) -> int:
         for name, m in arms.items():  # warm-up (compiles) and one profiled run for prefill / host time
             t = time.perf_counter()
             info = bench_model(m, prompt_len=args.prompt_len, decode_tokens=8, repeats=1, profile=True)
-            print(f"  warm {name:26s} {time.perf_counter() - t:6.1f} s  prefill {info['prefill_tok_s']:7.1f} tok/s"
+            print(f"  warm {name:26s} {time.perf_counter() - t:6.1f} s  decode {info['decode_ms']:8.1f} ms/tok  "
+                  f"prefill {info['prefill_tok_s']:7.1f} tok/s"
                   f"  ttft {info['ttft_ms']:7.1f} ms  host {info['host_ms']:6.2f} ms/tok  "
                   f"kernel {info['kernel_ms']:6.2f} ms/tok")
             gens[name] = Generator(m, 1, total)
