@@ -57,15 +57,21 @@ def _run_arm(name: str, out: Path, eval_file: Path, base_ckpt: Path, base_overri
     raise ValueError(f"unknown demo arm {name!r}; known arms: {list(ARMS)}")
 
 
-def run_demo(out: Path, *, steps: int | None = None, arms: list[str] = ARMS, num_items: int = 500) -> dict:
-    """Run the demo into ``out``; returns a summary dict and writes ``out/report.md``."""
+def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 200, arms: list[str] = ARMS,
+             num_items: int = 500) -> dict:
+    """Run the demo into ``out``; returns a summary dict and writes ``out/report.md``.
+
+    The base run pretrains for ``steps`` (default: the config's); each arm's training runs use
+    ``arm_steps`` so that all arms fit in a few minutes on 2 cores.
+    """
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     eval_file = write_jsonl(generate_hellaswag(num_items, seed=0), out / "data" / "hellaswag_local.jsonl")
-    base_overrides = [f"max_steps={steps}"] if steps else []
+    arm_overrides = [f"max_steps={arm_steps}", "checkpoint_every=0"]
 
     log.info("pretraining the tiny preset on the generated corpus")
-    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_overrides, f"output_dir={out / 'base'}"])
+    base_args = [f"max_steps={steps}"] if steps else []
+    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_args, f"output_dir={out / 'base'}"])
     summary = json.loads((base.output_dir / "summary.json").read_text())
     base_ckpt = Path(summary["checkpoint"])
     model, _, meta = load_checkpoint(base_ckpt)
@@ -81,7 +87,7 @@ def run_demo(out: Path, *, steps: int | None = None, arms: list[str] = ARMS, num
     for name in arms:
         t0 = time.perf_counter()
         try:
-            arm = _run_arm(name, out, eval_file, base_ckpt, base_overrides)
+            arm = _run_arm(name, out, eval_file, base_ckpt, arm_overrides)
         except Exception as e:  # report and continue: one broken arm must not hide the others
             log.error("demo arm %s failed: %s", name, e)
             failures.append(name)
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lowbit demo", description=__doc__)
     p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
     p.add_argument("--steps", type=int, help="pretraining steps (default: the tiny_pretrain config's)")
+    p.add_argument("--arm-steps", type=int, default=200, help="training steps of each arm's runs")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}, or none")
     p.add_argument("--items", type=int, default=500, help="evaluation items")
     a = p.parse_args(argv)
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in arms if x not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    result = run_demo(Path(a.output), steps=a.steps, arms=arms, num_items=a.items)
+    result = run_demo(Path(a.output), steps=a.steps, arm_steps=a.arm_steps, arms=arms, num_items=a.items)
     if result["failures"]:
         print(f"demo arms failed: {result['failures']} (details in the report)")
         return 1
