@@ -34,7 +34,7 @@ def generate_corpus(num_docs: int = 4000, seed: int = 0, world: World | None = N
 def generate_hellaswag(num_items: int = 500, seed: int = 0, world: World | None = None) -> list[dict]:
     """Multiple-choice items in the exact hellaswag schema (as on the HF hub, ``label`` a string).
 
-    Item: the activity, a name and 1-2 consecutive steps as context; the right ending is the next
+    Item: the activity, a name and the script's first steps as context; the right ending is the next
     step. Distractors: one other step of the same activity (order matters) and the same-position step
     of two other activities. Items use a stream of randomness independent of the corpus.
     """
@@ -45,11 +45,11 @@ def generate_hellaswag(num_items: int = 500, seed: int = 0, world: World | None 
     for ind in range(num_items):
         a = rng.randrange(n_act)
         nxt = rng.randrange(1, n_steps)  # the step to predict
-        first = max(0, nxt - rng.choice([1, 2]))
         steps = world.scripts[a]
         name, pronoun = rng.choice(NAMES)
-        ctx_a = f"{name} {steps[first]}."
-        ctx_a += "".join(f" Then {pronoun} {s}." for s in steps[first + 1:nxt])
+        # The context narrates the script from its first step, as the corpus does.
+        ctx_a = f"{name} {steps[0]}."
+        ctx_a += "".join(f" Then {pronoun} {s}." for s in steps[1:nxt])
         ctx_b = f"then {pronoun}"
         same = rng.choice([j for j in range(n_steps) if j not in (nxt, nxt - 1)])
         others = rng.sample([b for b in range(n_act) if b != a], 2)
