@@ -34,6 +34,10 @@ def setup_kv_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch
     if cache is not None and tuple(cache.k_cache.shape[::2]) == (batch_size, max_len) and cache.k_cache.dtype == dtype:
         dec.reset_caches()
         return
+    if cache is not None:  # torchtune's setup_caches silently keeps existing caches: drop them first
+        from torchtune.modules.common_utils import delete_kv_caches
+
+        delete_kv_caches(dec)
     dec.setup_caches(batch_size, dtype, decoder_max_seq_len=max_len)
 
 

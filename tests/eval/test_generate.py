@@ -46,6 +46,15 @@ def test_decode_step_logits_match_full_forward():
     torch.testing.assert_close(got[0], full[:, 4], rtol=1e-4, atol=1e-4)
 
 
+def test_new_cache_length_replaces_old_caches():
+    model = _model(1)
+    prompt = torch.randint(0, 1024, (1, 5), generator=torch.Generator().manual_seed(4))
+    ref = _no_cache_greedy(model, prompt, 9)
+    assert torch.equal(generate(model, prompt, 3), ref[:, :8])
+    assert torch.equal(generate(model, prompt, 9), ref)  # longer: caches re-created, not kept at 8
+    assert model.layers[0].attn.kv_cache.k_cache.shape[2] == 14
+
+
 def test_sampling_top_k_and_temperature():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -5.0]])
     assert sample(logits).item() == 1
