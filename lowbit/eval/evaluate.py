@@ -43,7 +43,7 @@ def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, c
     if compile:
         from lowbit.eval.compile import compile_for_cpu
 
-        model = compile_for_cpu(model)
+        model = compile_for_cpu(model, dynamic=True)  # lm-eval batch widths vary
     return model, scheme
 
 

@@ -48,6 +48,14 @@ def test_loglikelihoods_equal_brute_force(lm):
         assert ll == pytest.approx(brute_force_loglikelihood(lm, ctx, cont), abs=1e-5)
 
 
+def sequence_loglikelihood(lm, context: str, continuation: str) -> float:
+    """One unbatched, unpadded forward of BOS + context + continuation; float64 log-softmax."""
+    ctx = [lm.tokenizer.bos_id, *lm.tok_encode(context)]
+    whole = [lm.tokenizer.bos_id, *lm.tok_encode(context + continuation)]
+    logp = F.log_softmax(lm.model(torch.tensor([whole[:-1]]))[0].double(), -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
 def test_evaluate_runs_lm_eval_hellaswag_and_matches_manual_scoring(tmp_path, lm):
     items = generate_hellaswag(12, seed=5)
     task = write_jsonl(items, tmp_path / "t.jsonl")
@@ -56,7 +64,7 @@ def test_evaluate_runs_lm_eval_hellaswag_and_matches_manual_scoring(tmp_path, lm
     right = 0
     for it in items:
         query = f"{it['activity_label']}: {it['ctx_a']} {it['ctx_b'].capitalize()}"
-        scores = [brute_force_loglikelihood(lm, query, " " + e) / len(e) for e in it["endings"]]
+        scores = [sequence_loglikelihood(lm, query, " " + e) / len(e) for e in it["endings"]]
         right += scores.index(max(scores)) == int(it["label"])
     assert res["results"]["hellaswag_local"]["acc_norm,none"] == pytest.approx(right / len(items))
     assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["hellaswag_local"]
