@@ -79,7 +79,10 @@ def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, maximize: b
     p = p * decay
     # torch.sqrt on fp32 CPU is not always correctly rounded; via float64 it is (exactly)
     denom = torch.sqrt(v.double()).float() * inv_bc2_sqrt + eps
-    p = p - step_size * (m / denom)
+    # no update where v == 0: exact AdamW has m == 0 there too; quantized states can flush a tiny v to 0
+    # while m survives, and m / eps would blow up (e.g. embedding rows absent from the batch)
+    u = torch.where(v == 0, 0.0, m / denom)
+    p = p - step_size * u
     return p, m, v
 
 

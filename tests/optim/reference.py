@@ -133,7 +133,8 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
         M = B1 * M + OMB1 * G
         V = B2 * V + OMB2 * (G * G)
         P = P * DECAY
-        P = P - SS * (M / (np.sqrt(V) * IBC + EPS))
+        U = np.where(V == 0, f32(0), M / (np.sqrt(V) * IBC + EPS)).astype(f32)  # no step where v == 0
+        P = P - SS * U
 
     new_state = {"step": torch.tensor(step, dtype=torch.float32)}
     if quant:

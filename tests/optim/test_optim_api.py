@@ -261,3 +261,19 @@ def test_cuda_matches_cpu_and_state_moves_across_devices():
     o_back = lo.AdamW8bit(m_cpu.parameters(), lr=1e-2, min_quant_size=1024)
     o_back.load_state_dict(o_gpu.state_dict())
     assert o_back.state[m_cpu[0].weight]["exp_avg_codes"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls", [lo.AdamWFp8, lo.AdamW8bit])
+def test_second_moment_flushed_to_zero_gives_no_step(cls):
+    # element 1: |g| = 1e-4 of the block max, so v = g^2 is 1e-8 of the block's v absmax and rounds to
+    # 0 (fp8 and 8-bit maps) while m survives; then a zero gradient: m / eps would move it by ~1e2
+    p = torch.nn.Parameter(torch.zeros(512))
+    opt = cls([p], lr=1e-3, weight_decay=0.0, min_quant_size=0)
+    g = torch.zeros(512)
+    g[0], g[1] = 1.0, 1e-4
+    p.grad = g
+    opt.step()
+    assert opt.state[p]["exp_avg_codes"].view(torch.uint8)[1] != opt.state[p]["exp_avg_codes"].view(torch.uint8)[2]
+    p.grad = torch.zeros(512)
+    opt.step()
+    assert abs(p.data[1].item()) <= 1.1e-3  # the first step's -lr * sign(g), and nothing after

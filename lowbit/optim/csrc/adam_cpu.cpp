@@ -7,7 +7,11 @@
 //
 //   g = maximize ? -g : g;  if coupled: g = g + wd * p
 //   m = b1 * m + omb1 * g;  v = b2 * v + omb2 * (g * g);  p = p * decay
-//   p = p - step_size * (m / (sqrt(v) * inv_bc2_sqrt + eps))
+//   u = v == 0 ? 0 : m / (sqrt(v) * inv_bc2_sqrt + eps);  p = p - step_size * u
+//
+// (v == 0 with m != 0 happens only when quantization flushed a tiny second moment to zero, e.g. an
+// embedding row absent from the batch; exact AdamW has m == 0 there too, so the guard changes nothing
+// for exact states and stops the m / eps blow-up for quantized ones.)
 //
 // then per block: amax = max |x| over finite x, scale = max(amax, 1e-30) (/ 448 for fp8),
 // code = nearest(x * (1 / scale)) with non-finite x stored as the code of 0.
@@ -55,7 +59,8 @@ inline float adam_scalar(float p, float g, float& m, float& v, const Hyper& h) {
   v = h.b2 * v + h.omb2 * (g * g);
   p = p * h.decay;
   float denom = std::sqrt(v) * h.inv_bc2_sqrt + h.eps;
-  return p - h.step_size * (m / denom);
+  float u = v == 0.0f ? 0.0f : m / denom;  // see the header: no update where the second moment is 0
+  return p - h.step_size * u;
 }
 
 
@@ -116,7 +121,8 @@ inline __m256 adam_vec(__m256 p, __m256 g, __m256& m, __m256& v, const HyperV& H
   v = _mm256_add_ps(_mm256_mul_ps(H.b2, v), _mm256_mul_ps(H.omb2, _mm256_mul_ps(g, g)));
   p = _mm256_mul_ps(p, H.decay);
   __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), H.ibc), H.eps);
-  return _mm256_sub_ps(p, _mm256_mul_ps(H.ss, _mm256_div_ps(m, denom)));
+  __m256 u = _mm256_and_ps(_mm256_div_ps(m, denom), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  return _mm256_sub_ps(p, _mm256_mul_ps(H.ss, u));
 }
 
 
