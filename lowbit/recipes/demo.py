@@ -108,7 +108,9 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 200, arms:
 
     plot_bars(accuracy, "hellaswag_local acc_norm per arm", "acc_norm", out / "accuracy.png")
     total = time.perf_counter() - t_start
-    report = _report(base_row, sections, total, accuracy)
+    note = (f"Each arm's runs train {arm_steps} steps (the base: {summary['step']}) on the same data with the "
+            "same seed, so arm accuracies are those of shorter runs; compare within an arm.")
+    report = _report(base_row, [note + "\n", *sections] if arms else sections, total, accuracy)
     (out / "report.md").write_text(report)
     print(report)
     print(f"\nwrote {out / 'report.md'}")
