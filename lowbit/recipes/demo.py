@@ -61,7 +61,7 @@ def _run_arm(name: str, out: Path, eval_file: Path, base_ckpt: Path, base_overri
     raise ValueError(f"unknown demo arm {name!r}; known arms: {list(ARMS)}")
 
 
-def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 200, arms: list[str] = DEFAULT_ARMS,
+def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms: list[str] = DEFAULT_ARMS,
              num_items: int = 500) -> dict:
     """Run the demo into ``out``; returns a summary dict and writes ``out/report.md``.
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lowbit demo", description=__doc__)
     p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
     p.add_argument("--steps", type=int, help="pretraining steps (default: the tiny_pretrain config's)")
-    p.add_argument("--arm-steps", type=int, default=200, help="training steps of each arm's runs")
+    p.add_argument("--arm-steps", type=int, default=120, help="training steps of each arm's runs")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help=f"comma-separated subset of {','.join(ARMS)}, or none (default: {','.join(DEFAULT_ARMS)})")
     p.add_argument("--items", type=int, default=500, help="evaluation items")
