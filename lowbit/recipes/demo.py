@@ -130,10 +130,10 @@ def _report(base: dict, sections: list[str], seconds: float, accuracy: dict) -> 
         f"Model: {base['params']:,} parameters ({a['num_layers']} layers, dim {a['embed_dim']}, "
         f"vocab {a['vocab_size']}), fp32, torch AdamW.",
         "",
-        "| training tokens | training seconds | final loss | acc | acc_norm | chance |",
+        "| training tokens | training seconds | final loss | acc (%) | acc_norm (%) | chance (%) |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {base['train_tokens']:,} | {base['train_seconds']:.0f} | {base['final_loss']:.4f} | "
-        f"{base['acc']:.3f} | {base['acc_norm']:.3f} | 0.250 |",
+        f"{100 * base['acc']:.2f} | {100 * base['acc_norm']:.2f} | 25.00 |",
         "",
         f"Evaluated with lm-eval's hellaswag task (its own `process_docs`, `acc`, `acc_norm`) on "
         f"{base['items']} generated items in the hellaswag schema (`data/hellaswag_local.jsonl`).",

@@ -8,7 +8,7 @@ def test_demo_writes_a_report_with_the_measured_figures(tmp_path):
     report = (tmp_path / "report.md").read_text()
     base = result["base"]
     assert base["train_tokens"] == 3 * 16 * 128
-    assert f"{base['acc_norm']:.3f}" in report and f"{base['train_tokens']:,}" in report
+    assert f"{100 * base['acc_norm']:.2f}" in report and f"{base['train_tokens']:,}" in report
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert (tmp_path / "base" / "eval" / "results.json").exists()
 
