@@ -63,6 +63,9 @@ def find_cpp_compiler() -> str:
     return path
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_for_cpu(
     model: nn.Module, *, dynamic: bool = False, unwrap: bool = True, flags: dict | None = None
 ) -> nn.Module:
@@ -96,6 +99,11 @@ def compile_for_cpu(
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(model)
+    # Every compiled model adds guarded entries (one per model instance and input shape: prefill,
+    # decode, lm-eval batch widths) to the *same* code object, torchtune's TransformerDecoder.forward.
+    # With a few models in one process dynamo's default limit of 8 is exhausted and it silently runs
+    # the forward eagerly (seen comparing 8w / 4w / 8da4w in one benchmark). Raise it, never lower it.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=dynamic, options=options)
 
 

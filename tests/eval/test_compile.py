@@ -68,3 +68,18 @@ def test_bad_flags_and_inputs():
         compile_for_cpu(torch.nn.Linear(4, 4), flags={"cpp.no_such_flag": True})
     with pytest.raises(TypeError, match="nn.Module"):
         compile_for_cpu(lambda x: x)
+
+
+def test_compile_raises_dynamo_recompile_limit_for_many_models(monkeypatch):
+    """Several compiled models share torchtune's forward code object; the default limit (8) would make
+    dynamo fall back to eager silently after a few models."""
+    import torch
+
+    from lowbit.eval.compile import RECOMPILE_LIMIT, compile_for_cpu
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1000)
+    compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+    assert torch._dynamo.config.recompile_limit == 1000
