@@ -70,16 +70,17 @@ def test_bad_flags_and_inputs():
         compile_for_cpu(lambda x: x)
 
 
-def test_compile_raises_dynamo_recompile_limit_for_many_models(monkeypatch):
+def test_compile_raises_dynamo_recompile_limit_for_many_models():
     """Several compiled models share torchtune's forward code object; the default limit (8) would make
     dynamo fall back to eager silently after a few models."""
     import torch
 
     from lowbit.eval.compile import RECOMPILE_LIMIT, compile_for_cpu
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1000)
-    compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
-    assert torch._dynamo.config.recompile_limit == 1000
+    # torch's own config.patch restores the setting afterwards (pytest's monkeypatch deletes it).
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(recompile_limit=1000):
+        compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+        assert torch._dynamo.config.recompile_limit == 1000
