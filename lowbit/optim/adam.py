@@ -23,8 +23,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from . import _cpu_kernel
+from . import _cpu_kernel, sharding
 from ._torch_step import hyper_row, torch_step
 from .formats import FORMATS, StateFormat, check_state, init_state, is_quantized
 
@@ -111,6 +112,10 @@ class _AdamLowBit(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     mine[k] = v.detach().clone() if k == "step" else v.detach().to(device=p.device, copy=True)
+            if isinstance(p, DTensor):  # a full (1-process) state dict loaded into a sharded optimizer
+                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                kind = sharding.plan(p, FORMATS[self._format], group["block_size"], group["min_quant_size"])
+                mine.update(sharding.localize_loaded_state(mine, p, kind, is_quantized(p, group["min_quant_size"])))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -132,6 +137,7 @@ class _AdamLowBit(torch.optim.Optimizer):
         bs, mqs = group["block_size"], group["min_quant_size"]
         sr = bool(group["bf16_stochastic_round"])
         buckets: dict[tuple, list] = defaultdict(list)
+        gathered: list[tuple[Tensor, Tensor]] = []  # (DTensor param, its updated full copy)
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -141,15 +147,27 @@ class _AdamLowBit(torch.optim.Optimizer):
                 raise TypeError(f"{self.__class__.__name__} does not support sparse gradients: {where}")
             if g.shape != p.shape:
                 raise ValueError(f"gradient of {where} has shape {list(g.shape)}, parameter {list(p.shape)}")
+            kind = sharding.plan(p, fmt, bs, mqs) if isinstance(p, DTensor) else None
             state = self.state[p]
             if not state:
-                state.update(init_state(p, fmt, bs, mqs))
+                state.update(init_state(p, fmt, bs, mqs) if kind is None
+                             else sharding.init_dtensor_state(p, kind, fmt, bs, mqs, where))
             state["step"] += 1
             row = hyper_row(lr, beta1, beta2, group["eps"], group["weight_decay"], float(state["step"]),
                             self._decoupled)
-            quant = is_quantized(p, mqs)
+            quant = is_quantized(p, mqs)  # global numel: the format does not depend on the world size
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
+            if kind == "gather":
+                p_full = p.full_tensor()
+                gathered.append((p, p_full))
+                p, g = p_full, g.full_tensor()
+            elif kind == "local":
+                p, g = p.to_local(), g.to_local()
+            if kind is not None:
+                state = sharding.local_views(state)
+                if p.numel() == 0:
+                    continue
             use_kernel = _cpu_kernel.supports(p, g)
             buckets[(use_kernel, p.device, p.dtype, quant)].append((p, g, state, row))
 
@@ -166,10 +184,13 @@ class _AdamLowBit(torch.optim.Optimizer):
                 for j, (p, g, state, _) in enumerate(items):
                     torch_step(p, g, state, f, bs, hyper[j], group["maximize"], not self._decoupled, stochastic,
                                seeds[j])
+        for p, p_full in gathered:
+            sharding.write_back_shard(p, p_full)
 
     def state_bytes(self) -> int:
-        """Bytes held by optimizer state tensors (codes, scales, fp32 moments, step counters)."""
-        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+        """Bytes of optimizer state held by this process: for DTensor state, the local shards."""
+        return sum(t.numel() * t.element_size()
+                   for st in self.state.values() for t in sharding.local_views(st).values()
                    if isinstance(t, Tensor))
 
 
