@@ -4,7 +4,7 @@ Setup (issue 3): 8 square 1024x1024 linears (8.4M params), fixed random gradient
 owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
 all peers see the same machine load; the figure is the median per optimizer.
 
-    .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both]
+    .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] [--no-external]
 
 Quality (the demo's optimizer arm: tiny-model pretraining with fp32 AdamW, AdamW8bit, AdamWFp8,
 AdamW4bit; same steps, data, seed; final loss = mean of the last 20 training losses):
@@ -52,36 +52,37 @@ def state_bytes(opt) -> int:
     return total
 
 
-def peers(dtype):
-    """name -> (factory, peer name for the ratio)."""
+def peers(dtype, external=True):
+    """name -> (factory, peer names for the ratio); ``external=False`` skips torchao / bitsandbytes."""
     from lowbit import optim as lo
 
     out = {
         "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None),
         "torch AdamW foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), None),
     }
-    try:
-        import torchao.optim as tao
+    if external:
+        try:
+            import torchao.optim as tao
 
-        out["torchao AdamW8bit"] = (lambda ps: tao.AdamW8bit(ps, lr=1e-3), None)
-        out["torchao AdamW4bit"] = (lambda ps: tao.AdamW4bit(ps, lr=1e-3), None)
-        out["torchao AdamWFp8"] = (lambda ps: tao.AdamWFp8(ps, lr=1e-3), None)
-    except Exception as e:  # pragma: no cover
-        print(f"torchao unavailable: {e}")
-    try:
-        import bitsandbytes as bnb
+            out["torchao AdamW8bit"] = (lambda ps: tao.AdamW8bit(ps, lr=1e-3), None)
+            out["torchao AdamW4bit"] = (lambda ps: tao.AdamW4bit(ps, lr=1e-3), None)
+            out["torchao AdamWFp8"] = (lambda ps: tao.AdamWFp8(ps, lr=1e-3), None)
+        except Exception as e:  # pragma: no cover
+            print(f"torchao unavailable: {e}")
+        try:
+            import bitsandbytes as bnb
 
-        out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None)
-    except Exception as e:  # pragma: no cover
-        print(f"bitsandbytes unavailable: {e}")
+            out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None)
+        except Exception as e:  # pragma: no cover
+            print(f"bitsandbytes unavailable: {e}")
     out["lowbit AdamW8bit"] = (lambda ps: lo.AdamW8bit(ps, lr=1e-3), ["torchao AdamW8bit", "bitsandbytes AdamW8bit"])
     out["lowbit AdamW4bit"] = (lambda ps: lo.AdamW4bit(ps, lr=1e-3), ["torchao AdamW4bit"])
     out["lowbit AdamWFp8"] = (lambda ps: lo.AdamWFp8(ps, lr=1e-3), ["torchao AdamWFp8"])
     return out
 
 
-def run(dtype, rounds, slow_rounds):
-    entries = peers(dtype)
+def run(dtype, rounds, slow_rounds, external=True):
+    entries = peers(dtype, external)
     opts, nparams = {}, 0
     for name, (make, _) in entries.items():
         try:
@@ -164,6 +165,7 @@ def main():
     ap.add_argument("--slow-rounds", type=int, default=5, help="rounds for the (slow) torchao / bnb peers")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-first-step", action="store_true")
+    ap.add_argument("--no-external", action="store_true", help="skip the torchao / bitsandbytes peers")
     ap.add_argument("--quality", action="store_true", help="run the tiny-model pretraining comparison")
     ap.add_argument("--workdir", default="lowbit_runs/bench_optim_quality")
     args, overrides = ap.parse_known_args()
@@ -175,7 +177,7 @@ def main():
     if not args.no_first_step:
         first_step()
     for d in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds)
+        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds, not args.no_external)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-er
 _lib = None
 _failed: str | None = None
 SCALAR_ONLY = False  # tests: run the kernel's scalar path everywhere (no AVX2 lanes)
+TABLE_ENCODE = False  # tests, benchmarks: encode 8-bit / 4-bit codes with the cell-table gather
 
 
 def _cpu_id() -> str:
@@ -66,6 +67,9 @@ def _build() -> ctypes.CDLL:
         P, P, P, P, P, P, P, P, P, P, P, P, P, P, P,
         ctypes.c_int, ctypes.c_int,
     ]
+    lib.lowbit_encode_check.restype = ctypes.c_int64
+    lib.lowbit_encode_check.argtypes = [ctypes.c_int, P, P, P, ctypes.c_uint32, ctypes.c_uint32,
+                                        ctypes.POINTER(ctypes.c_uint32)]
     return lib
 
 
@@ -119,6 +123,25 @@ def _codec(name: str | None):
     return _tables[name]
 
 
+def encode_check(lib: ctypes.CDLL, name: str, u_lo: int, u_hi: int, qmap: Tensor | None = None,
+                 no_fallback: bool = False) -> tuple[int, int]:
+    """Compare the kernel's arithmetic encode with its cell-table encode on every finite fp32 bit
+    pattern in ``[u_lo, u_hi)`` and its negative (tests).
+
+    ``qmap``: build the arithmetic encode from this map instead of codebook ``name`` (the table
+    always comes from ``name``); ``no_fallback``: 8-bit maps skip the table re-encode of lanes in
+    the unsure band (a broken encode the check must catch). Returns ``(mismatches, first mismatching bit pattern)``;
+    mismatches is -1 where the map gets no arithmetic encode.
+    """
+    q, table, meta = _codec(name)
+    q = q if qmap is None else qmap.float().contiguous()
+    first = ctypes.c_uint32(0)
+    bits = blockwise.codebook_bits(name) | (256 if no_fallback else 0)
+    n = lib.lowbit_encode_check(bits, q.data_ptr(), table.data_ptr(), meta.data_ptr(),
+                                u_lo, u_hi, ctypes.byref(first))
+    return int(n), int(first.value)
+
+
 def _ptrs(ts: list[Tensor]):
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
@@ -149,6 +172,7 @@ def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: li
     seeds_t = torch.tensor(seeds, dtype=torch.int64).to(torch.int32)  # low 32 bits
     scalar_only = SCALAR_ONLY if scalar_only is None else scalar_only
     flags = (1 if maximize else 0) | (2 if coupled else 0) | (4 if stochastic else 0) | (8 if scalar_only else 0)
+    flags |= 16 if TABLE_ENCODE else 0
 
     def ptr(t):
         return None if t is None else t.data_ptr()

@@ -15,6 +15,14 @@
 //
 // then per block: amax = max |x| over finite x, scale = max(amax, 1e-30) (/ 448 for fp8),
 // code = nearest(x * (1 / scale)) with non-finite x stored as the code of 0.
+//
+// Encode (AVX2): no table gather. 4-bit maps: a 4-level binary search over the 15 midpoint
+// thresholds, each level one lane permute (exact by construction). 8-bit dynamic maps: the positive
+// values form <= 7 decades, each a near-linear grid, so code = floor(|x| * S[r] + B[r]) with the
+// decade r found by a 3-level permute search over the exact decade boundaries; lanes whose t lies
+// within delta of an integer (and exact midpoint ties on the negative side) are re-encoded with the
+// exact cell table. The per-decade S, B and delta are built from the map at every call and checked
+// at every code boundary (build_fast8); a map that fails the check keeps the table encode.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,12 +51,153 @@ struct Codec {
   int32_t a_lo, a_hi, shift, ncells;
 };
 
+// Exact arithmetic encode of a dynamic 8-bit map (see the header); ok = 0: use the table.
+struct Fast8 {
+  int ok = 0, sgn = 0, z = 0, no_fallback = 0;  // no_fallback: tests only (must then fail)
+  float top = 0.0f, delta = 0.0f, b3 = 0.0f;
+  float tie[2] = {NAN, NAN};
+  alignas(32) float l2[8] = {}, l3[8] = {}, S[8] = {}, B[8] = {}, H[8] = {};
+};
+
+// Exact 4-bit encode: code = #{c : x >= T[c]} by binary search (t7, then l2[k], l3[k], l4[k]).
+struct Fast4 {
+  float t7 = 0.0f;
+  alignas(32) float l2[8] = {}, l3[8] = {}, l4[8] = {};
+};
+
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
   return x;
+}
+
+
+// T[c] = the smallest fp32 >= the exact midpoint of q[c], q[c+1] (lowbit.quant.blockwise.thresholds)
+inline void thresholds(const float* q, int n, float* T) {
+  for (int c = 0; c + 1 < n; ++c) {
+    double mid = ((double)q[c] + (double)q[c + 1]) / 2.0;
+    float t = (float)mid;
+    if ((double)t < mid) t = std::nextafter(t, INFINITY);
+    T[c] = t;
+  }
+}
+
+inline bool is_mid(const float* q, const float* T, int c) {
+  return (double)T[c] == ((double)q[c] + (double)q[c + 1]) / 2.0;
+}
+
+// the fast 8-bit encode of a >= 0 (or any x <= 0 for unsigned maps) in scalar form, as the lanes do it
+inline int fast8_region(float a, const Fast8& E) {
+  int k = a >= E.b3 ? 1 : 0;
+  k = 2 * k + (a >= E.l2[k] ? 1 : 0);
+  k = 2 * k + (a >= E.l3[k] ? 1 : 0);
+  return k;
+}
+inline void fast8_pos(float a, const Fast8& E, int& lo, int& hi) {
+  int r = fast8_region(a, E);
+  float t = std::fmin(std::fmaf(a, E.S[r], E.B[r]), E.H[r]);
+  lo = (int)(t - E.delta);
+  hi = (int)(t + E.delta);
+}
+
+inline void build_fast4(const float* q, Fast4& E) {
+  float T[15];
+  thresholds(q, 16, T);
+  E.t7 = T[7];
+  for (int k = 0; k < 2; ++k) E.l2[k] = T[8 * k + 3];
+  for (int k = 0; k < 4; ++k) E.l3[k] = T[4 * k + 1];
+  for (int k = 0; k < 8; ++k) E.l4[k] = T[2 * k];
+}
+
+inline void build_fast8(const float* q, Fast8& E) {
+  E = Fast8();
+  float T[255];
+  thresholds(q, 256, T);
+  for (int c = 0; c < 255; ++c)
+    if (!(q[c] < q[c + 1])) return;
+  if (q[255] != 1.0f) return;
+  int z = -1;
+  for (int c = 0; c < 256; ++c)
+    if (q[c] == 0.0f) z = c;
+  if (z < 0) return;
+  const bool sgn = z > 0;
+  if (sgn) {
+    if (2 * z != 254) return;
+    for (int j = 1; j <= z; ++j)
+      if (q[z - j] != -q[z + j]) return;
+  } else if (z != 0) {
+    return;
+  }
+  // regions: 0 = the code of 0, then the decades of the positive codes z+1..254
+  int lo[8], hi[8], nr = 1, prevk = 1 << 30;
+  lo[0] = hi[0] = z;
+  for (int c = z + 1; c <= 254; ++c) {
+    int k = (int)std::floor(-std::log10((double)q[c]));
+    if (k != prevk) {
+      if (nr == 8) return;
+      lo[nr] = hi[nr] = c;
+      ++nr;
+      prevk = k;
+    } else {
+      hi[nr - 1] = c;
+    }
+  }
+  float bnd[7];
+  for (int i = 0; i < 7; ++i) bnd[i] = i + 1 < nr ? T[lo[i + 1] - 1] : INFINITY;
+  int nties = 0;
+  if (sgn) {
+    for (int i = 0; i + 1 < nr; ++i) {
+      if (is_mid(q, T, lo[i + 1] - 1)) {
+        if (nties == 2) return;
+        E.tie[nties++] = bnd[i];
+      }
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    if (r >= nr) { E.S[r] = 0.0f; E.B[r] = 0.5f; E.H[r] = 0.5f; continue; }
+    if (lo[r] == hi[r]) {
+      E.S[r] = 0.0f;
+      E.B[r] = (float)lo[r] + 0.5f;
+    } else {
+      double sl = hi[r] - lo[r] >= 2 ? (hi[r] - lo[r] - 1) / ((double)T[hi[r] - 1] - (double)T[lo[r]])
+                                     : 1.0 / ((double)q[hi[r]] - (double)q[lo[r]]);
+      E.S[r] = (float)sl;
+      E.B[r] = (float)((lo[r] + 1) - (double)T[lo[r]] * sl);
+    }
+    E.H[r] = (float)hi[r] + 0.5f;
+  }
+  E.b3 = bnd[3];
+  E.l2[0] = bnd[1]; E.l2[1] = bnd[5];
+  E.l3[0] = bnd[0]; E.l3[1] = bnd[2]; E.l3[2] = bnd[4]; E.l3[3] = bnd[6];
+  E.top = T[254];
+  E.sgn = sgn;
+  E.z = z;
+  // delta: the smallest that makes every code's interval right (t is monotone in a, so checking
+  // both ends of each interval suffices); exact negative-side ties must land in the unsure band.
+  for (float delta : {0x1p-12f, 0x1p-10f, 0x1p-8f}) {
+    E.delta = delta;
+    bool good = true;
+    for (int r = 0; r < nr && good; ++r) {
+      for (int c = lo[r]; c <= hi[r] && good; ++c) {
+        float L = c > lo[r] ? T[c - 1] : (r == 0 ? 0.0f : bnd[r - 1]);
+        float U = c < hi[r] ? T[c] : (r + 1 < nr ? bnd[r] : E.top);
+        float Um = std::nextafter(U, 0.0f);
+        if (fast8_region(L, E) != r || fast8_region(Um, E) != r) { good = false; break; }
+        int l, h;
+        fast8_pos(L, E, l, h);
+        if (h < c) good = false;
+        fast8_pos(Um, E, l, h);
+        if (l > c) good = false;
+        if (sgn && c < hi[r] && is_mid(q, T, c)) {
+          fast8_pos(T[c], E, l, h);
+          if (l == h) good = false;
+        }
+      }
+    }
+    if (good) { E.ok = 1; return; }
+  }
 }
 
 // ---------------------------------------------------------------- scalar pieces
@@ -155,6 +304,45 @@ inline __m256i encode_table_vec(__m256 x, const Codec& c) {
   return _mm256_add_epi32(c1, _mm256_cmpgt_epi32(t, off));
 }
 
+// x finite (non-finite moments were zeroed); codes of unsure lanes come from the table
+inline __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
+#ifndef __FMA__
+  return encode_table_vec(x, c);
+#endif
+  __m256 a = E.sgn ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x) : x;
+  __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(E.b3), _CMP_GE_OQ)), 31);
+  __m256i m = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l2), k), _CMP_GE_OQ));
+  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+  m = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l3), k), _CMP_GE_OQ));
+  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+  __m256 t = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.S), k),
+                             _mm256_permutevar8x32_ps(_mm256_load_ps(E.B), k));
+  t = _mm256_min_ps(t, _mm256_permutevar8x32_ps(_mm256_load_ps(E.H), k));
+  __m256 d = _mm256_set1_ps(E.delta);
+  __m256i lo = _mm256_cvttps_epi32(_mm256_sub_ps(t, d));
+  __m256i bad = _mm256_xor_si256(lo, _mm256_cvttps_epi32(_mm256_add_ps(t, d)));
+  __m256i top = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(E.top), _CMP_GE_OQ));
+  __m256i code = _mm256_or_si256(lo, top);
+  if (E.sgn) {
+    bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(a, _mm256_set1_ps(E.tie[0]), _CMP_EQ_OQ),
+                                                                _mm256_cmp_ps(a, _mm256_set1_ps(E.tie[1]), _CMP_EQ_OQ))));
+    __m256i neg = _mm256_sub_epi32(_mm256_set1_epi32(2 * E.z), lo);
+    code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(code), _mm256_castsi256_ps(neg), x));
+  }
+  if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0) && !E.no_fallback) return encode_table_vec(x, c);
+  return code;
+}
+
+inline __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
+  __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(E.t7), _CMP_GE_OQ)), 31);
+  __m256i m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l2), k), _CMP_GE_OQ));
+  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l3), k), _CMP_GE_OQ));
+  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l4), k), _CMP_GE_OQ));
+  return _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+}
+
 inline __m256i encode_fp8_vec(__m256 x) {  // x finite
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-FP8_MAX)), _mm256_set1_ps(FP8_MAX));
   __m256i b = _mm256_castps_si256(x);
@@ -247,6 +435,10 @@ struct Args {
   const Codec* cm;
   const Codec* cv;
   bool scalar_only;
+  const Fast8* f8m;  // null: table encode
+  const Fast8* f8v;
+  const Fast4* f4m;
+  const Fast4* f4v;
 };
 
 template <typename P>
@@ -349,11 +541,11 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
         store8_codes(mc + i, encode_fp8_vec(xm));
         store8_codes(vc + i, encode_fp8_vec(xv));
       } else if (four) {
-        store4_codes(mc + (i >> 1), encode_table_vec(xm, *A.cm));
-        store4_codes(vc + (i >> 1), encode_table_vec(xv, *A.cv));
+        store4_codes(mc + (i >> 1), A.f4m ? encode_fast4_vec(xm, *A.f4m) : encode_table_vec(xm, *A.cm));
+        store4_codes(vc + (i >> 1), A.f4v ? encode_fast4_vec(xv, *A.f4v) : encode_table_vec(xv, *A.cv));
       } else {
-        store8_codes(mc + i, encode_table_vec(xm, *A.cm));
-        store8_codes(vc + i, encode_table_vec(xv, *A.cv));
+        store8_codes(mc + i, A.f8m ? encode_fast8_vec(xm, *A.f8m, *A.cm) : encode_table_vec(xm, *A.cm));
+        store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
       }
     }
   }
@@ -414,7 +606,8 @@ int lowbit_has_avx2() { return 0; }
 // Returns 0 on success, a negative number on bad arguments.
 // hyper: [n, 9] fp32 rows (b1, omb1, b2, omb2, eps, step_size, inv_bc2_sqrt, decay, wd).
 // meta_*: a_lo, a_hi, shift, ncells of the encode cell table.
-// flags: 1 maximize, 2 coupled weight decay (Adam), 4 bf16 stochastic rounding, 8 scalar only.
+// flags: 1 maximize, 2 coupled weight decay (Adam), 4 bf16 stochastic rounding, 8 scalar only,
+// 16 table encode (no arithmetic encode).
 int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_size, void** params, void** grads,
                      void** m_data, float** m_scale, void** v_data, float** v_scale, const int64_t* numels,
                      const float* hyper, const uint32_t* seeds, const float* qmap_m, const float* qmap_v,
@@ -427,7 +620,19 @@ int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_s
     cm = Codec{qmap_m, tab_m, meta_m[0], meta_m[1], meta_m[2], meta_m[3]};
     cv = Codec{qmap_v, tab_v, meta_v[0], meta_v[1], meta_v[2], meta_v[3]};
   }
-  Args A{mode, block_size, &cm, &cv, (flags & 8) != 0};
+  Fast8 f8m, f8v;
+  Fast4 f4m, f4v;
+  const bool fast = (flags & 16) == 0;  // 16: table encode (tests, benchmarks)
+  if (mode == Q8 && fast) {
+    build_fast8(qmap_m, f8m);
+    build_fast8(qmap_v, f8v);
+  }
+  if (mode == Q4 && fast) {
+    build_fast4(qmap_m, f4m);
+    build_fast4(qmap_v, f4v);
+  }
+  Args A{mode, block_size, &cm, &cv, (flags & 8) != 0, f8m.ok ? &f8m : nullptr, f8v.ok ? &f8v : nullptr,
+         mode == Q4 && fast ? &f4m : nullptr, mode == Q4 && fast ? &f4v : nullptr};
   // tasks of whole blocks, about 16K elements each
   const int64_t per_task = std::max<int64_t>(1, 16384 / block_size);
   struct Task { int64_t j, b0, b1; };
@@ -456,6 +661,58 @@ int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_s
       run_task<float>(k.b0, k.b1, numels[j], params[j], grads[j], m_data[j], ms, v_data[j], vs, hs[j], A);
   }
   return 0;
+}
+
+// Tests: compare the arithmetic encode (8-bit or 4-bit map qmap) with the cell-table encode on
+// every finite fp32 bit pattern u in [u_lo, u_hi) (and its negative). Returns the number of
+// mismatches (first one in *first_bad), or -1 if the map has no arithmetic encode.
+// bits | 256: 8-bit maps without the table re-encode of unsure lanes (the check must then fail).
+int64_t lowbit_encode_check(int bits, const float* qmap, const int32_t* tab, const int32_t* meta, uint32_t u_lo,
+                            uint32_t u_hi, uint32_t* first_bad) {
+#if defined(__AVX2__) && defined(__FMA__)
+  Codec c{qmap, tab, meta[0], meta[1], meta[2], meta[3]};
+  Fast8 f8;
+  Fast4 f4;
+  const int no_fallback = (bits & 256) != 0;
+  bits &= 255;
+  if (bits == 8) {
+    build_fast8(qmap, f8);
+    if (!f8.ok) return -1;
+    f8.no_fallback = no_fallback;
+  } else {
+    build_fast4(qmap, f4);
+  }
+  int64_t bad = 0;
+  const int32_t cmask = bits == 8 ? 255 : 15;
+  auto enc = [&](__m256 x) { return bits == 8 ? encode_fast8_vec(x, f8, c) : encode_fast4_vec(x, f4); };
+  for (uint32_t sign : {0u, 0x80000000u}) {
+    for (uint64_t u = u_lo; u < u_hi; u += 8) {
+      alignas(32) uint32_t in[8];
+      bool plain = u + 8 <= u_hi && u + 8 <= 0x7F800000u;
+      for (int j = 0; j < 8; ++j) {
+        uint32_t w = (uint32_t)std::min<uint64_t>(u + j, u_hi - 1);
+        if ((w & 0x7FFFFFFFu) >= 0x7F800000u) w = 0;  // finite inputs only
+        in[j] = w | sign;
+      }
+      __m256i got = _mm256_and_si256(enc(_mm256_load_ps((const float*)in)), _mm256_set1_epi32(cmask));
+      int32_t c0 = encode_table_scalar(u2f(in[0]), c), c7 = encode_table_scalar(u2f(in[7]), c);
+      if (plain && c0 == c7) {  // the code is monotone in u: all eight lanes have code c0
+        if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(got, _mm256_set1_epi32(c0))) == -1) continue;
+      }
+      alignas(32) int32_t g[8];
+      _mm256_store_si256((__m256i*)g, got);
+      for (int j = 0; j < 8; ++j) {
+        if (g[j] != encode_table_scalar(u2f(in[j]), c)) {
+          if (bad == 0 && first_bad) *first_bad = in[j];
+          ++bad;
+        }
+      }
+    }
+  }
+  return bad;
+#else
+  return -1;
+#endif
 }
 
 }  // extern "C"
