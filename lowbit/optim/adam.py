@@ -189,9 +189,7 @@ class _AdamLowBit(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this process: for DTensor state, the local shards."""
-        return sum(t.numel() * t.element_size()
-                   for st in self.state.values() for t in sharding.local_views(st).values()
-                   if isinstance(t, Tensor))
+        return sharding.local_state_bytes(self)
 
 
 def _sr_seeds(n: int) -> list[int]:

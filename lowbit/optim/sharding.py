@@ -144,3 +144,9 @@ def write_back_shard(p: DTensor, full: Tensor) -> None:
     mesh = p.device_mesh
     shard = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     p.to_local().copy_(shard.redistribute(mesh, p.placements).to_local())
+
+
+def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state held by this process (any optimizer; DTensor state counts its local shard)."""
+    return sum(t.numel() * t.element_size()
+               for st in optimizer.state.values() for t in local_views(st).values() if isinstance(t, Tensor))

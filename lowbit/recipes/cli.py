@@ -48,11 +48,14 @@ def _run(argv: list[str]) -> int:
         raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]; "
                          f"recipes: {known_recipes()}")
     recipe = _check_recipe(argv[recipe_idx])
-    args = list(argv)
+    cfg_idx = argv.index("--config")
+    if cfg_idx < recipe_idx or cfg_idx + 1 >= len(argv):
+        raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]")
+    # torchrun options may come before or after the recipe name; tune run wants them before it.
+    launcher = argv[:recipe_idx] + argv[recipe_idx + 1:cfg_idx]
+    config = str(resolve_config_path(argv[cfg_idx + 1]).resolve())
     # A relative path: tune run turns it into the module path lowbit.recipes.<recipe>.
-    args[recipe_idx] = f"lowbit/recipes/{recipe}.py"
-    cfg_idx = args.index("--config") + 1
-    args[cfg_idx] = str(resolve_config_path(args[cfg_idx]).resolve())
+    args = [*launcher, f"lowbit/recipes/{recipe}.py", "--config", config, *argv[cfg_idx + 2:]]
     sys.argv = ["tune", "run", *args]
     parser = TuneCLIParser()
     parser.run(parser.parse_args())

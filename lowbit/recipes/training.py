@@ -6,6 +6,11 @@ A recipe is a subclass that overrides hooks (``prepare_model``, ``on_step_start`
 Determinism: batch ``s`` is a pure function of ``(seed, s)`` (a seeded permutation per epoch over
 packed rows), and a checkpoint carries model, optimizer, scheduler and RNG state, so a run resumed
 from step ``k`` reproduces the losses of an uninterrupted run.
+
+Distributed (launched by torchrun with ``WORLD_SIZE > 1``): the model is sharded with FSDP2,
+``batch_size`` stays the *global* batch (each rank takes its contiguous ``batch_size / world_size``
+rows of every micro-batch), so the same config gives the same losses on any number of ranks, and
+checkpoints (DCP) resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -23,16 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lowbit.data import generate_corpus, load_texts, pack_documents
-from lowbit.models.checkpoint import (
-    atomic_dir,
-    list_checkpoints,
-    load_checkpoint,
-    remove_stale_tmp,
-    save_model_dir,
-)
+from lowbit.models.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
+from lowbit.optim.sharding import local_state_bytes
+from lowbit.recipes import checkpointing
 from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
+from lowbit.recipes.distributed import Runtime, clip_grad_norm, init_runtime, shard_model
 
 log = logging.getLogger("lowbit")
 
@@ -57,6 +59,7 @@ class TrainingRecipe:
         "lr_scheduler": COMPONENT,
         "clip_grad_norm": None,
         "dtype": None,
+        "device": None,
         "compile": None,
         "float8": {"recipe": None, "emulate": None},
         "checkpoint_every": None,
@@ -72,6 +75,7 @@ class TrainingRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.losses: list[float] = []
+        self.rt = Runtime()
 
     # ----------------------------------------------------------------- hooks for recipes
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -89,20 +93,28 @@ class TrainingRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(self.output_dir / "checkpoints")
         self.dtype = DTYPES.get(cfg.get("dtype", "fp32"))
         if self.dtype is None:
             raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        self.rt = rt = init_runtime(cfg.get("device"))
+        if cfg.batch_size % rt.world_size:
+            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "
+                              f"by the number of processes ({rt.world_size})")
+        if rt.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(self.output_dir / "checkpoints")
+        rt.barrier()
 
         model, self.tokenizer, self.tokenizer_dir, self.model_args = self._build_model_and_tokenizer()
         self.rows = self._load_data()
-        model = self.prepare_model(model.to(self.dtype))
+        model = self.prepare_model(model.to(device=rt.device, dtype=self.dtype))
         if cfg.get("float8") and cfg.float8.get("recipe"):
             from lowbit.float8 import Float8TrainingConfig, convert_to_float8_training
 
             f8 = Float8TrainingConfig.from_recipe(cfg.float8.recipe, emulate=bool(cfg.float8.get("emulate", False)))
             model = convert_to_float8_training(model, config=f8)
+        if rt.distributed:
+            model = shard_model(model, rt)
         self.model = model
         self.optimizer = instantiate(cfg, "optimizer", model.parameters())
         self.lr_scheduler = None
@@ -130,8 +142,9 @@ class TrainingRecipe:
             tok_dir = Path(cfg.tokenizer.path)
         else:
             tok_dir = self.output_dir / "tokenizer"
-            if not (tok_dir / "tokenizer.json").exists():
+            if self.rt.is_main and not (tok_dir / "tokenizer.json").exists():
                 train_bpe_tokenizer(self._texts(), cfg.tokenizer.vocab_size, tok_dir)
+            self.rt.barrier()
         tokenizer = load_tokenizer(tok_dir)
         if vocab_size_of(tokenizer) > args.vocab_size:
             raise ConfigError(
@@ -151,7 +164,7 @@ class TrainingRecipe:
 
     # ----------------------------------------------------------------- data order
     def batch(self, step: int) -> torch.Tensor:
-        """Rows for optimizer step ``step`` (1-based) and micro-batch: ``[accum * batch_size, seq_len + 1]``."""
+        """Rows for optimizer step ``step`` (1-based), all ranks': ``[accum * batch_size, seq_len + 1]``."""
         n, b = self.rows.shape[0], self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1)
         start = (step - 1) * b
         idx = []
@@ -164,6 +177,13 @@ class TrainingRecipe:
         return self.rows[torch.stack(idx)]
 
     # ----------------------------------------------------------------- train
+    def local_micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's rows of each micro-batch of step ``step``, on the training device."""
+        rt, b = self.rt, self.cfg.batch_size
+        per_rank = b // rt.world_size
+        rows = self.batch(step).to(rt.device)
+        return [micro[rt.rank * per_rank:(rt.rank + 1) * per_rank] for micro in rows.split(b)]
+
     def loss_on(self, rows: torch.Tensor) -> torch.Tensor:
         logits = self.model(rows[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
@@ -173,24 +193,25 @@ class TrainingRecipe:
         accum = cfg.get("gradient_accumulation_steps", 1)
         tokens_per_step = cfg.batch_size * accum * cfg.data.seq_len
         every = cfg.get("checkpoint_every", 0) or cfg.max_steps
+        main = self.rt.is_main
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.recipe_name, unit="step",
-                   disable=not cfg.get("progress_bar", True), dynamic_ncols=True)
-        metrics = open(self.output_dir / "metrics.jsonl", "a")
+                   disable=not (cfg.get("progress_bar", True) and main), dynamic_ncols=True)
+        metrics = open(self.output_dir / "metrics.jsonl", "a") if main else None
         self.model.train()
         try:
             while self.step < cfg.max_steps:
                 step = self.step + 1
                 self.on_step_start(step)
                 t0 = time.perf_counter()
-                rows = self.batch(step)
                 total = 0.0
-                for micro in rows.chunk(accum):
+                for micro in self.local_micro_batches(step):
                     loss = self.loss_on(micro) / accum
                     loss.backward()
                     total += loss.item()
+                total = self.rt.mean(total)
                 grad_norm = None
                 if cfg.get("clip_grad_norm"):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm).item()
+                    grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad_norm, self.rt)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
@@ -203,8 +224,9 @@ class TrainingRecipe:
                 record = {"step": step, "loss": total, "lr": self.optimizer.param_groups[0]["lr"],
                           "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": tokens_per_step / dt}
                 record["lr"] = float(record["lr"])
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
                 bar.update(1)
                 if step % cfg.get("log_every", 1) == 0:
                     bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
@@ -213,11 +235,13 @@ class TrainingRecipe:
         except KeyboardInterrupt:
             done = list_checkpoints(self.output_dir)
             where = f"last complete checkpoint: {done[-1]}" if done else "no checkpoint was written yet"
-            log.warning("interrupted at step %d; %s (resume with resume=true)", self.step, where)
+            if main:
+                log.warning("interrupted at step %d; %s (resume with resume=true)", self.step, where)
             raise
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> Path:
@@ -229,17 +253,18 @@ class TrainingRecipe:
             "config": OmegaConf.to_container(self.cfg, resolve=True), **self.checkpoint_metadata(),
         }
         state = {
-            "step": step, "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "step": step, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "rng": torch.get_rng_state(), "losses": self.losses,
         }
-        with atomic_dir(final) as tmp:
-            save_model_dir(tmp, self.model.state_dict(), meta, self.tokenizer_dir)
-            torch.save(state, tmp / "training_state.pt")
+        checkpointing.save(final, self.rt, self.model, self.optimizer, meta, state, self.tokenizer_dir)
+        state_bytes = self.rt.gather(local_state_bytes(self.optimizer))
+        if not self.rt.is_main:
+            return final
         for old in list_checkpoints(self.output_dir)[: -self.cfg.get("keep_last", 2)]:
             shutil.rmtree(old)
         summary = {"step": step, "final_loss": self.losses[-1] if self.losses else None,
-                   "checkpoint": str(final), **self._timing()}
+                   "checkpoint": str(final), "world_size": self.rt.world_size,
+                   "optimizer_state_bytes_per_rank": state_bytes, **self._timing()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return final
 
@@ -257,24 +282,21 @@ class TrainingRecipe:
             log.info("resume=true but no checkpoint in %s: starting from step 0", self.output_dir)
             return
         ckpt = ckpts[-1]
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-        state = torch.load(ckpt / "training_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        checkpointing.check_compatible(ckpt, self.model_args.to_dict(), self.optimizer)
+        state = checkpointing.load(ckpt, self.rt, self.model, self.optimizer)
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"])
         self.step, self.losses = state["step"], list(state["losses"])
         # metrics.jsonl may hold steps logged after the checkpoint: drop them, they will be redone.
         path = self.output_dir / "metrics.jsonl"
-        if path.exists():
+        if self.rt.is_main and path.exists():
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in keep))
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def cleanup(self) -> None:
-        pass
+        self.rt.close()
 
 
 def run(recipe_cls: type[TrainingRecipe], cfg: DictConfig) -> TrainingRecipe:

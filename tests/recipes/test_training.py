@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
 from lowbit.recipes.cli import run_recipe
@@ -38,16 +37,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_run):
 def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, small_run, monkeypatch):
     args = [*small_run, "max_steps=4", "checkpoint_every=2"]
     run_recipe("finetune_recipe", "tiny_pretrain", [*args, "max_steps=2"])
-    real_save = torch.save
+    from lowbit.recipes import checkpointing
 
-    def interrupted_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
+    real_save = checkpointing.save_model_dir
+
+    def interrupted_save(*a, **k):  # the sharded state is written, the model files half-way
+        real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", interrupted_save)
+    monkeypatch.setattr(checkpointing, "save_model_dir", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         run_recipe("finetune_recipe", "tiny_pretrain", [*args, "resume=true"])
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpointing, "save_model_dir", real_save)
     run_dir = tmp_path / "run"
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_000002"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -365,6 +365,20 @@ inline __m256 decode8_vec(const uint8_t* c, const float* q) {  // measured: beat
   return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
 }
 
+// e4m3fn bits -> fp32, exactly: normals by moving the bits (exponent bias 7 -> 127), subnormals
+// m * 2^-9 by an int -> float conversion (no denormal operands); 0x7F is NaN.
+inline __m256 decode_fp8_vec(const uint8_t* c) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
+  __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+  __m256i nrm = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
+  __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
+  __m256 x = _mm256_blendv_ps(_mm256_castsi256_ps(nrm), sub,
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag)));
+  __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F));
+  __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(b, 7), 31);
+  return _mm256_or_ps(x, _mm256_castsi256_ps(_mm256_or_si256(sign, nan)));
+}
+
 inline void store8_codes(uint8_t* dst, __m256i c) {
   const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
@@ -439,6 +453,7 @@ struct Args {
   const Fast8* f8v;
   const Fast4* f4m;
   const Fast4* f4v;
+  bool fp8_arith;  // arithmetic e4m3 decode
 };
 
 template <typename P>
@@ -492,6 +507,9 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
       if (four) {
         mm = decode4_vec(mc + (i >> 1), qm);
         vv = decode4_vec(vc + (i >> 1), qv);
+      } else if (A.fp8_arith) {
+        mm = decode_fp8_vec(mc + i);
+        vv = decode_fp8_vec(vc + i);
       } else {
         mm = decode8_vec(mc + i, qm);
         vv = decode8_vec(vc + i, qv);
@@ -632,7 +650,7 @@ int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_s
     build_fast4(qmap_v, f4v);
   }
   Args A{mode, block_size, &cm, &cv, (flags & 8) != 0, f8m.ok ? &f8m : nullptr, f8v.ok ? &f8v : nullptr,
-         mode == Q4 && fast ? &f4m : nullptr, mode == Q4 && fast ? &f4v : nullptr};
+         mode == Q4 && fast ? &f4m : nullptr, mode == Q4 && fast ? &f4v : nullptr, mode == FP8 && fast};
   // tasks of whole blocks, about 16K elements each
   const int64_t per_task = std::max<int64_t>(1, 16384 / block_size);
   struct Task { int64_t j, b0, b1; };
