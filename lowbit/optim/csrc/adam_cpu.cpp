@@ -65,6 +65,8 @@ struct Fast4 {
   alignas(32) float l2[8] = {}, l3[8] = {}, l4[8] = {};
 };
 
+#define LB_INLINE inline __attribute__((always_inline))
+
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
@@ -287,7 +289,7 @@ inline float hmax(__m256 x) {
   return _mm_cvtss_f32(a);
 }
 
-inline __m256i encode_table_vec(__m256 x, const Codec& c) {
+LB_INLINE __m256i encode_table_vec(__m256 x, const Codec& c) {
   __m256i b = _mm256_castps_si256(x);
   __m256i neg = _mm256_srai_epi32(b, 31);
   __m256i a = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
@@ -305,7 +307,7 @@ inline __m256i encode_table_vec(__m256 x, const Codec& c) {
 }
 
 // x finite (non-finite moments were zeroed); codes of unsure lanes come from the table
-inline __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
+LB_INLINE __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
 #ifndef __FMA__
   return encode_table_vec(x, c);
 #endif
@@ -333,7 +335,7 @@ inline __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
   return code;
 }
 
-inline __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
+LB_INLINE __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
   __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(E.t7), _CMP_GE_OQ)), 31);
   __m256i m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l2), k), _CMP_GE_OQ));
   k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
@@ -343,7 +345,7 @@ inline __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
   return _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
 }
 
-inline __m256i encode_fp8_vec(__m256 x) {  // x finite
+LB_INLINE __m256i encode_fp8_vec(__m256 x) {  // x finite
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-FP8_MAX)), _mm256_set1_ps(FP8_MAX));
   __m256i b = _mm256_castps_si256(x);
   __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 24), _mm256_set1_epi32(0x80));
@@ -361,13 +363,13 @@ inline __m256i encode_fp8_vec(__m256 x) {  // x finite
   return _mm256_or_si256(mag, sign);
 }
 
-inline __m256 decode8_vec(const uint8_t* c, const float* q) {  // measured: beats vpgatherdd on Zen 3
+LB_INLINE __m256 decode8_vec(const uint8_t* c, const float* q) {  // measured: beats vpgatherdd on Zen 3
   return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
 }
 
 // e4m3fn bits -> fp32, exactly: normals by moving the bits (exponent bias 7 -> 127), subnormals
 // m * 2^-9 by an int -> float conversion (no denormal operands); 0x7F is NaN.
-inline __m256 decode_fp8_vec(const uint8_t* c) {
+LB_INLINE __m256 decode_fp8_vec(const uint8_t* c) {
   __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
   __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
   __m256i nrm = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
@@ -379,7 +381,7 @@ inline __m256 decode_fp8_vec(const uint8_t* c) {
   return _mm256_or_ps(x, _mm256_castsi256_ps(_mm256_or_si256(sign, nan)));
 }
 
-inline void store8_codes(uint8_t* dst, __m256i c) {
+LB_INLINE void store8_codes(uint8_t* dst, __m256i c) {
   const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
   __m256i s = _mm256_shuffle_epi8(c, pick);
@@ -391,7 +393,7 @@ inline void store8_codes(uint8_t* dst, __m256i c) {
 
 inline __m256i nibble_shifts() { return _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); }
 
-inline __m256 decode4_vec(const uint8_t* packed, const float* qmap16) {
+LB_INLINE __m256 decode4_vec(const uint8_t* packed, const float* qmap16) {
   uint32_t w; std::memcpy(&w, packed, 4);
   __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), nibble_shifts()),
                                  _mm256_set1_epi32(15));
@@ -400,7 +402,7 @@ inline __m256 decode4_vec(const uint8_t* packed, const float* qmap16) {
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-inline void store4_codes(uint8_t* dst, __m256i c) {
+LB_INLINE void store4_codes(uint8_t* dst, __m256i c) {
   __m256i s = _mm256_sllv_epi32(c, nibble_shifts());
   __m128i x = _mm_or_si128(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
   x = _mm_or_si128(x, _mm_unpackhi_epi64(x, x));
@@ -591,12 +593,184 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   }
 }
 
+#ifdef __AVX2__
+// ---------------------------------------------------------------- pipelined blocks (AVX2)
+// The same math as quant_block, split into three stages over a block's 8-lane vectors:
+//   A: decode the moments, update m and v, absmax  (-> raw m, v in a block buffer)
+//   B: the parameter update (sqrt, div) from the buffer
+//   C: encode the buffer with the new scales
+// and run as a software pipeline: one loop does B and C of block b together with A of block b+1,
+// so the long sqrt/div latency of B overlaps independent decode/encode work (one block's chain alone
+// stalls the out-of-order window). Blocks with a non-finite moment (rare) run the stages one by one
+// with the buffer zeroed where non-finite before C. Only whole-vector blocks come here.
+template <typename P>
+struct Pipe {
+  const Hyper& h;
+  const Args& A;
+  HyperV H;
+  P* p;
+  const P* g;
+  uint8_t* mcodes;
+  uint8_t* vcodes;
+  float* msc;
+  float* vsc;
+  int64_t bs;
+  alignas(32) float buf[2][2][MAX_BLOCK];  // [ping-pong][m, v]
+
+  Pipe(const Hyper& h_, const Args& A_, P* p_, const P* g_, uint8_t* mc_, uint8_t* vc_, float* ms_, float* vs_)
+      : h(h_), A(A_), H(h_), p(p_), g(g_), mcodes(mc_), vcodes(vc_), msc(ms_), vsc(vs_), bs(A_.block_size) {}
+
+  uint8_t* mcb(int64_t b) const { return mcodes + (A.mode == Q4 ? b * bs / 2 : b * bs); }
+  uint8_t* vcb(int64_t b) const { return vcodes + (A.mode == Q4 ? b * bs / 2 : b * bs); }
+
+  // stage A state of one block
+  struct AState {
+    __m256 sm, sv, am, av, nan;
+  };
+  AState a_begin(int64_t b) const {
+    return AState{_mm256_set1_ps(msc[b]), _mm256_set1_ps(vsc[b]), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                  _mm256_setzero_ps()};
+  }
+  LB_INLINE void a_vec(int64_t b, int64_t i, float* bm, float* bv, AState& st) const {
+    const uint8_t* mc = mcb(b);
+    const uint8_t* vc = vcb(b);
+    __m256 mm, vv;
+    if (A.mode == Q4) {
+      mm = decode4_vec(mc + (i >> 1), A.cm->qmap);
+      vv = decode4_vec(vc + (i >> 1), A.cv->qmap);
+    } else if (A.fp8_arith) {
+      mm = decode_fp8_vec(mc + i);
+      vv = decode_fp8_vec(vc + i);
+    } else {
+      mm = decode8_vec(mc + i, A.cm->qmap);
+      vv = decode8_vec(vc + i, A.cv->qmap);
+    }
+    mm = _mm256_mul_ps(mm, st.sm);
+    vv = _mm256_mul_ps(vv, st.sv);
+    const int64_t e = b * bs + i;
+    __m256 gg = load_p_vec<P>(g + e);
+    if (h.maximize) gg = _mm256_xor_ps(gg, _mm256_set1_ps(-0.0f));
+    if (h.coupled) gg = _mm256_add_ps(gg, _mm256_mul_ps(H.wd, load_p_vec<P>(p + e)));
+    mm = _mm256_add_ps(_mm256_mul_ps(H.b1, mm), _mm256_mul_ps(H.omb1, gg));
+    vv = _mm256_add_ps(_mm256_mul_ps(H.b2, vv), _mm256_mul_ps(H.omb2, _mm256_mul_ps(gg, gg)));
+    _mm256_store_ps(bm + i, mm);
+    _mm256_store_ps(bv + i, vv);
+    const __m256 sgn = _mm256_set1_ps(-0.0f);
+    st.am = _mm256_max_ps(_mm256_andnot_ps(sgn, mm), st.am);  // a NaN lane keeps the running max
+    st.av = _mm256_max_ps(_mm256_andnot_ps(sgn, vv), st.av);
+    st.nan = _mm256_or_ps(st.nan, _mm256_cmp_ps(mm, vv, _CMP_UNORD_Q));
+  }
+  LB_INLINE void b_vec(int64_t b, int64_t i, const float* bm, const float* bv) const {
+    const int64_t e = b * bs + i;
+    __m256 pp = _mm256_mul_ps(load_p_vec<P>(p + e), H.decay);
+    __m256 m = _mm256_load_ps(bm + i), v = _mm256_load_ps(bv + i);
+    __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), H.ibc), H.eps);
+    __m256 u = _mm256_and_ps(_mm256_div_ps(m, denom), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    store_p_vec<P>(p + e, _mm256_sub_ps(pp, _mm256_mul_ps(H.ss, u)), (uint32_t)e, h);
+  }
+  LB_INLINE void c_vec(int64_t b, int64_t i, const float* bm, const float* bv, __m256 im, __m256 iv) const {
+    __m256 xm = _mm256_mul_ps(_mm256_load_ps(bm + i), im);
+    __m256 xv = _mm256_mul_ps(_mm256_load_ps(bv + i), iv);
+    uint8_t* mc = mcb(b);
+    uint8_t* vc = vcb(b);
+    if (A.mode == FP8) {
+      store8_codes(mc + i, encode_fp8_vec(xm));
+      store8_codes(vc + i, encode_fp8_vec(xv));
+    } else if (A.mode == Q4) {
+      store4_codes(mc + (i >> 1), A.f4m ? encode_fast4_vec(xm, *A.f4m) : encode_table_vec(xm, *A.cm));
+      store4_codes(vc + (i >> 1), A.f4v ? encode_fast4_vec(xv, *A.f4v) : encode_table_vec(xv, *A.cv));
+    } else {
+      store8_codes(mc + i, A.f8m ? encode_fast8_vec(xm, *A.f8m, *A.cm) : encode_table_vec(xm, *A.cm));
+      store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
+    }
+  }
+  // after stage A of block b (n elements): new scales; false if a moment is non-finite
+  bool a_end(int64_t b, int64_t n, const AState& st, float* bm, float* bv, __m256& im, __m256& iv) const {
+    float am = hmax(st.am), av = hmax(st.av);
+    const bool clean = _mm256_movemask_ps(st.nan) == 0 && am <= 3.4028234663852886e38f && av <= 3.4028234663852886e38f;
+    if (!clean) {  // zero the non-finite moments (B has used them already) and redo the absmax
+      am = av = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!std::isfinite(bm[i])) bm[i] = 0.0f;
+        if (!std::isfinite(bv[i])) bv[i] = 0.0f;
+        am = std::max(am, std::fabs(bm[i]));
+        av = std::max(av, std::fabs(bv[i]));
+      }
+    }
+    float nsm = std::max(am, SCALE_FLOOR), nsv = std::max(av, SCALE_FLOOR);
+    if (A.mode == FP8) { nsm = nsm / FP8_MAX; nsv = nsv / FP8_MAX; }
+    im = _mm256_set1_ps(1.0f / nsm);
+    iv = _mm256_set1_ps(1.0f / nsv);
+    msc[b] = nsm;
+    vsc[b] = nsv;
+    return clean;
+  }
+  bool clean_a(int64_t b, int64_t n, const AState& st) const {
+    return _mm256_movemask_ps(st.nan) == 0 && hmax(st.am) <= 3.4028234663852886e38f &&
+           hmax(st.av) <= 3.4028234663852886e38f;
+  }
+
+  // blocks [b0, b1), each of bs elements
+  void run(int64_t b0, int64_t b1) {
+    if (b0 >= b1) return;
+    int cur = 0;
+    AState st = a_begin(b0);
+    for (int64_t i = 0; i < bs; i += 8) a_vec(b0, i, buf[cur][0], buf[cur][1], st);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* bm = buf[cur][0];
+      float* bv = buf[cur][1];
+      float* nm = buf[cur ^ 1][0];
+      float* nv = buf[cur ^ 1][1];
+      const bool next = b + 1 < b1;
+      if (clean_a(b, bs, st)) {
+        __m256 im, iv;
+        a_end(b, bs, st, bm, bv, im, iv);
+        if (next) {
+          AState sn = a_begin(b + 1);
+          for (int64_t i = 0; i < bs; i += 8) {
+            b_vec(b, i, bm, bv);
+            c_vec(b, i, bm, bv, im, iv);
+            a_vec(b + 1, i, nm, nv, sn);
+          }
+          st = sn;
+        } else {
+          for (int64_t i = 0; i < bs; i += 8) {
+            b_vec(b, i, bm, bv);
+            c_vec(b, i, bm, bv, im, iv);
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < bs; i += 8) b_vec(b, i, bm, bv);
+        __m256 im, iv;
+        a_end(b, bs, st, bm, bv, im, iv);
+        for (int64_t i = 0; i < bs; i += 8) c_vec(b, i, bm, bv, im, iv);
+        if (next) {
+          st = a_begin(b + 1);
+          for (int64_t i = 0; i < bs; i += 8) a_vec(b + 1, i, nm, nv, st);
+        }
+      }
+      cur ^= 1;
+    }
+  }
+};
+#endif
+
 template <typename P>
 void run_task(int64_t b0, int64_t b1, int64_t numel, void* pp, void* gp, void* mp, float* msp, void* vp, float* vsp,
               const Hyper& h, const Args& A) {
   P* p = (P*)pp;
   const P* g = (const P*)gp;
   const int64_t bs = A.block_size;
+#ifdef __AVX2__
+  if (A.mode != FP32 && !A.scalar_only) {  // whole blocks through the pipeline, a partial last one below
+    int64_t full_end = std::min(b1, numel / bs);
+    if (full_end > b0) {
+      Pipe<P> pipe(h, A, p, g, (uint8_t*)mp, (uint8_t*)vp, msp, vsp);
+      pipe.run(b0, full_end);
+      b0 = full_end;
+    }
+  }
+#endif
   for (int64_t b = b0; b < b1; ++b) {
     int64_t s = b * bs, n = std::min(bs, numel - s);
     if (A.mode == FP32) {
