@@ -170,7 +170,9 @@ def test_qat_and_float8_recipes_on_two_ranks(recipe, config, extra, tmp_path, on
     one = run_recipe(recipe, config, [*args, "batch_size=2", "gradient_accumulation_steps=2",
                                       f"output_dir={tmp_path / 'one'}"])
     run_two_ranks("lowbit", recipe, config, [*args, f"output_dir={tmp_path / 'two'}"])
-    assert_same_losses(losses(tmp_path / "two"), one.losses)
+    # same rows per micro-batch, same reductions (FSDP's sum of two half-gradients is the accumulation's
+    # sum), world-size-independent clipping and optimizer layout: bit-identical losses
+    assert losses(tmp_path / "two") == one.losses
     meta = json.loads((list_checkpoints(tmp_path / "two")[-1] / "lowbit.json").read_text())
     if recipe == "qat_recipe":
         assert meta["qat_scheme"] == "8da4w"  # lowbit eval converts it like a 1-rank QAT checkpoint
