@@ -6,7 +6,7 @@ flattened global tensor) do not depend on the world size. The state tensors are 
 parameter's mesh, so ``torch.distributed.checkpoint`` saves them once and reshards them on load
 (save on 2 ranks, load on 1, or the reverse), and a run gives the same result on any number of ranks.
 
-Each parameter gets one of three plans:
+Each parameter gets one of two plans:
 
 - ``"local"``: each rank's shard of the parameter is a contiguous range of the flattened global
   tensor that starts on a block boundary, and that range is exactly the rank's chunk of the 1-D

@@ -324,7 +324,7 @@ LB_INLINE __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
   __m256i lo = _mm256_cvttps_epi32(_mm256_sub_ps(t, d));
   __m256i bad = _mm256_xor_si256(lo, _mm256_cvttps_epi32(_mm256_add_ps(t, d)));
   __m256i top = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(E.top), _CMP_GE_OQ));
-  __m256i code = _mm256_or_si256(lo, top);
+  __m256i code = _mm256_or_si256(lo, _mm256_and_si256(top, _mm256_set1_epi32(255)));
   if (E.sgn) {
     bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(a, _mm256_set1_ps(E.tie[0]), _CMP_EQ_OQ),
                                                                 _mm256_cmp_ps(a, _mm256_set1_ps(E.tie[1]), _CMP_EQ_OQ))));
@@ -345,14 +345,16 @@ LB_INLINE __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
   return _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
 }
 
+// |x| <= 448 (1 + 4e-7) here (x = moment / (absmax / 448)), so no saturation is needed: the
+// largest such x rounds to 448 like the clamped value would.
 LB_INLINE __m256i encode_fp8_vec(__m256 x) {  // x finite
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-FP8_MAX)), _mm256_set1_ps(FP8_MAX));
   __m256i b = _mm256_castps_si256(x);
   __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 24), _mm256_set1_epi32(0x80));
   __m256i a = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
   __m256 af = _mm256_castsi256_ps(a);
-  __m256i sub = _mm256_cvttps_epi32(
-      _mm256_round_ps(_mm256_mul_ps(af, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // subnormal: round |x| to a multiple of 2^-9 (ties to even) by adding 2^14 (ulp 2^-9)
+  __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(af, _mm256_set1_ps(16384.0f))),
+                                 _mm256_set1_epi32(0x46800000));
   __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
   __m256i nrm = _mm256_sub_epi32(
       _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(_mm256_set1_epi32(0x7FFFF), odd)), 20),
@@ -379,6 +381,20 @@ LB_INLINE __m256 decode_fp8_vec(const uint8_t* c) {
   __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F));
   __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(b, 7), 31);
   return _mm256_or_ps(x, _mm256_castsi256_ps(_mm256_or_si256(sign, nan)));
+}
+
+// 32 codes (0..255, int32 lanes, elements in order c0..c3) -> 32 bytes / 16 nibble-pair bytes
+LB_INLINE __m256i pack32_codes(__m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+  __m256i x = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+  return _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+LB_INLINE void store32_codes8(uint8_t* dst, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+  _mm256_storeu_si256((__m256i*)dst, pack32_codes(c0, c1, c2, c3));
+}
+LB_INLINE void store32_codes4(uint8_t* dst, __m256i c0, __m256i c1, __m256i c2, __m256i c3) {
+  __m256i y = _mm256_maddubs_epi16(pack32_codes(c0, c1, c2, c3), _mm256_set1_epi16(0x1001));  // lo | hi << 4
+  __m256i z = _mm256_permute4x64_epi64(_mm256_packus_epi16(y, y), 0x08);
+  _mm_storeu_si128((__m128i*)dst, _mm256_castsi256_si128(z));
 }
 
 LB_INLINE void store8_codes(uint8_t* dst, __m256i c) {
@@ -684,6 +700,34 @@ struct Pipe {
       store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
     }
   }
+  LB_INLINE __m256i enc_m(__m256 x) const {
+    if (A.mode == FP8) return encode_fp8_vec(x);
+    if (A.mode == Q4) return A.f4m ? encode_fast4_vec(x, *A.f4m) : encode_table_vec(x, *A.cm);
+    return A.f8m ? encode_fast8_vec(x, *A.f8m, *A.cm) : encode_table_vec(x, *A.cm);
+  }
+  LB_INLINE __m256i enc_v(__m256 x) const {
+    if (A.mode == FP8) return encode_fp8_vec(x);
+    if (A.mode == Q4) return A.f4v ? encode_fast4_vec(x, *A.f4v) : encode_table_vec(x, *A.cv);
+    return A.f8v ? encode_fast8_vec(x, *A.f8v, *A.cv) : encode_table_vec(x, *A.cv);
+  }
+  // C on 32 elements, codes packed into one store per moment
+  LB_INLINE void c_vec4(int64_t b, int64_t i, const float* bm, const float* bv, __m256 im, __m256 iv) const {
+    __m256i k0 = enc_m(_mm256_mul_ps(_mm256_load_ps(bm + i), im));
+    __m256i k1 = enc_m(_mm256_mul_ps(_mm256_load_ps(bm + i + 8), im));
+    __m256i k2 = enc_m(_mm256_mul_ps(_mm256_load_ps(bm + i + 16), im));
+    __m256i k3 = enc_m(_mm256_mul_ps(_mm256_load_ps(bm + i + 24), im));
+    __m256i j0 = enc_v(_mm256_mul_ps(_mm256_load_ps(bv + i), iv));
+    __m256i j1 = enc_v(_mm256_mul_ps(_mm256_load_ps(bv + i + 8), iv));
+    __m256i j2 = enc_v(_mm256_mul_ps(_mm256_load_ps(bv + i + 16), iv));
+    __m256i j3 = enc_v(_mm256_mul_ps(_mm256_load_ps(bv + i + 24), iv));
+    if (A.mode == Q4) {
+      store32_codes4(mcb(b) + (i >> 1), k0, k1, k2, k3);
+      store32_codes4(vcb(b) + (i >> 1), j0, j1, j2, j3);
+    } else {
+      store32_codes8(mcb(b) + i, k0, k1, k2, k3);
+      store32_codes8(vcb(b) + i, j0, j1, j2, j3);
+    }
+  }
   // after stage A of block b (n elements): new scales; false if a moment is non-finite
   bool a_end(int64_t b, int64_t n, const AState& st, float* bm, float* bv, __m256& im, __m256& iv) const {
     float am = hmax(st.am), av = hmax(st.av);
@@ -727,10 +771,18 @@ struct Pipe {
         a_end(b, bs, st, bm, bv, im, iv);
         if (next) {
           AState sn = a_begin(b + 1);
-          for (int64_t i = 0; i < bs; i += 8) {
-            b_vec(b, i, bm, bv);
-            c_vec(b, i, bm, bv, im, iv);
-            a_vec(b + 1, i, nm, nv, sn);
+          if (bs % 32 == 0) {
+            for (int64_t i = 0; i < bs; i += 32) {
+              for (int64_t k = 0; k < 32; k += 8) b_vec(b, i + k, bm, bv);
+              c_vec4(b, i, bm, bv, im, iv);
+              for (int64_t k = 0; k < 32; k += 8) a_vec(b + 1, i + k, nm, nv, sn);
+            }
+          } else {
+            for (int64_t i = 0; i < bs; i += 8) {
+              b_vec(b, i, bm, bv);
+              c_vec(b, i, bm, bv, im, iv);
+              a_vec(b + 1, i, nm, nv, sn);
+            }
           }
           st = sn;
         } else {
