@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lowbit.quant.affine import quant_dequant_int8_per_token_asym
+
 log = logging.getLogger(__name__)
 
 INFERENCE_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w")
@@ -161,11 +163,7 @@ class Int8DynActInt4Linear(nn.Module):
         return cls(packed, scale_and_zero, k, n, g, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            _apply_int8_act_asym_per_token_quant_dequant,
-        )
-
-        x = _apply_int8_act_asym_per_token_quant_dequant(x)
+        x = quant_dequant_int8_per_token_asym(x)  # torchao's numbers, a quarter of the eager op count
         shape = x.shape
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).contiguous(), self.packed, self.group_size, self.scale_and_zero

@@ -260,3 +260,20 @@ def fake_quantize_tinygemm(w: torch.Tensor, group_size: int, *, dtype: torch.dty
     scale, zero = tinygemm_qparams(w.detach(), group_size)
     q = quantize_tinygemm(w, scale, zero, group_size, ste=True)
     return dequantize_tinygemm(q, scale, zero, group_size, dtype=dtype)
+
+
+@torch.no_grad()
+def quant_dequant_int8_per_token_asym(x: torch.Tensor) -> torch.Tensor:
+    """Inference-time int8 asymmetric per-token quant-dequant of activations ``x`` ``[..., K]``.
+
+    The same numbers as ``fake_quantize(x, *asymmetric_qparams(x, -128, 127), -128, 127)`` (torchao's
+    ``_apply_int8_act_asym_per_token_quant_dequant``), in the same operation order, but with one
+    ``aminmax`` and in-place ops: in eager decode (one token, ~10 small kernels per linear) the op count
+    is the cost. No autograd. Returns a new tensor of ``x``'s shape and dtype.
+    """
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+    scale = (hi - lo).div_(255.0).clamp_(min=torch.finfo(x.dtype).eps)
+    zero_point = torch.round(lo / scale).neg_().add_(-128).clamp_(-128, 127)
+    q = (x * (1.0 / scale)).round_().add_(zero_point).clamp_(-128, 127)
+    return q.sub_(zero_point).mul_(scale)

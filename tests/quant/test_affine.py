@@ -143,3 +143,24 @@ def test_qparams_have_no_grad():
 def test_bad_group_size():
     with pytest.raises(ValueError, match="not divisible by group_size 24"):
         A.symmetric_scale(torch.randn(2, 64), *A.INT4, group_size=24)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9), k=st.integers(2, 300), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    spread=st.sampled_from([1.0, 0.002, 50.0]), shift=st.sampled_from([0.0, 3.0, -3.0]), seed=st.integers(0, 2**16),
+)
+def test_inference_int8_per_token_quant_dequant_equals_torchao(rows, k, dtype, spread, shift, seed):
+    """The in-place inference path gives torchao's per-token activation numbers bit for bit (k >= 2:
+    torchao's own function fails on k == 1)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        _apply_int8_act_asym_per_token_quant_dequant,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    x = ((torch.randn(2, rows, k, generator=g) + shift) * spread).to(dtype)
+    x[0, 0, : k // 2] = 0.0  # all-zero / one-signed rows exercise the zero clamps and eps
+    got = A.quant_dequant_int8_per_token_asym(x)
+    want = _apply_int8_act_asym_per_token_quant_dequant(x)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
