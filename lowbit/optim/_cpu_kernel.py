@@ -28,6 +28,7 @@ _lib = None
 _failed: str | None = None
 SCALAR_ONLY = False  # tests: run the kernel's scalar path everywhere (no AVX2 lanes)
 TABLE_ENCODE = False  # tests, benchmarks: encode 8-bit / 4-bit codes with the cell-table gather
+ALL_UNSURE = False  # tests: every lane of the 8-bit arithmetic encode is re-encoded by the table
 
 
 def _cpu_id() -> str:
@@ -172,7 +173,7 @@ def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: li
     seeds_t = torch.tensor(seeds, dtype=torch.int64).to(torch.int32)  # low 32 bits
     scalar_only = SCALAR_ONLY if scalar_only is None else scalar_only
     flags = (1 if maximize else 0) | (2 if coupled else 0) | (4 if stochastic else 0) | (8 if scalar_only else 0)
-    flags |= 16 if TABLE_ENCODE else 0
+    flags |= (16 if TABLE_ENCODE else 0) | (32 if ALL_UNSURE else 0)
 
     def ptr(t):
         return None if t is None else t.data_ptr()

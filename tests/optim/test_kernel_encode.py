@@ -74,15 +74,20 @@ def test_encode_check_can_fail_8bit(kernel, name):
     assert total > 0
 
 
-@pytest.mark.parametrize("cls", [lo.AdamW8bit, lo.AdamW4bit, lo.Adam8bit])
-def test_step_arith_vs_table_encode(kernel, monkeypatch, cls):
+@pytest.mark.parametrize("cls", [lo.AdamW8bit, lo.AdamW4bit, lo.Adam8bit, lo.AdamWFp8])
+@pytest.mark.parametrize("mode", ["table", "all_unsure"])
+def test_step_arith_vs_table_encode(kernel, monkeypatch, cls, mode):
+    """The step with the arithmetic encode equals the step with the table encode ("table"), and
+    the step where every 8-bit lane goes through the table re-encode paths ("all_unsure")."""
     g = torch.Generator().manual_seed(0)
     scales = [1.0, 1e-3, 30.0]
     outs = []
-    for table in (False, True):
-        monkeypatch.setattr(_cpu_kernel, "TABLE_ENCODE", table)
-        ps = [torch.nn.Parameter(torch.randn(4099, generator=torch.Generator().manual_seed(k)) * s)
-              for k, s in enumerate(scales)]
+    for alt in (False, True):
+        monkeypatch.setattr(_cpu_kernel, "TABLE_ENCODE", alt and mode == "table")
+        monkeypatch.setattr(_cpu_kernel, "ALL_UNSURE", alt and mode == "all_unsure")
+        sizes = [4099, 4096, 3000]  # a partial last block, whole blocks (pipelined path only), both
+        ps = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(k)) * s)
+              for k, (n, s) in enumerate(zip(sizes, scales))]
         opt = cls(ps, lr=1e-2, weight_decay=0.1, min_quant_size=16)
         for step in range(4):
             g.manual_seed(step)

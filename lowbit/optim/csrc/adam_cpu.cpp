@@ -19,10 +19,15 @@
 // Encode (AVX2): no table gather. 4-bit maps: a 4-level binary search over the 15 midpoint
 // thresholds, each level one lane permute (exact by construction). 8-bit dynamic maps: the positive
 // values form <= 7 decades, each a near-linear grid, so code = floor(|x| * S[r] + B[r]) with the
-// decade r found by a 3-level permute search over the exact decade boundaries; lanes whose t lies
-// within delta of an integer (and exact midpoint ties on the negative side) are re-encoded with the
-// exact cell table. The per-decade S, B and delta are built from the map at every call and checked
-// at every code boundary (build_fast8); a map that fails the check keeps the table encode.
+// decade r = the count of exact decade boundaries <= |x| (7 independent compares); lanes whose t
+// lies within delta of an integer (and exact midpoint ties on the negative side) are flagged, and a
+// block with a flagged lane is re-encoded with the exact cell table (per vector, reencode8). The
+// per-decade S, B and delta are built from the map at every call and checked at every code boundary
+// (build_fast8); a map that fails the check keeps the table encode. fp8: e4m3 decode and encode by
+// bit manipulation. Whole blocks run as a software pipeline (struct Pipe): stage B (the parameter
+// update, sqrt/div) and C (encode) of block b share one loop with stage A (decode, moments, absmax)
+// of block b+1. Measured on Zen 3 at 1 thread (8 x 1M fp32 params): the step is bound by the uop
+// throughput of the 8-bit decode (scalar table loads) and encode (~30 uops per 8 lanes either way).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -54,9 +59,12 @@ struct Codec {
 // Exact arithmetic encode of a dynamic 8-bit map (see the header); ok = 0: use the table.
 struct Fast8 {
   int ok = 0, sgn = 0, z = 0, no_fallback = 0;  // no_fallback: tests only (must then fail)
-  float top = 0.0f, delta = 0.0f, b3 = 0.0f;
+  float top = 0.0f, delta = 0.0f, bnd[7] = {};
   float tie[2] = {NAN, NAN};
-  alignas(32) float l2[8] = {}, l3[8] = {}, S[8] = {}, B[8] = {}, H[8] = {};
+  float S[8] = {}, B[8] = {}, H[8] = {};  // per region: t = min(fma(a, S, B), H), code = floor(t)
+  // the same boundaries as int32 bits minus 1 (a >= b <=> bits(a) > bits(b) - 1 for a, b >= 0)
+  int32_t ib[7] = {}, itop = 0, itie[2] = {-1, -1};
+  alignas(32) float rS[8] = {}, rB[8] = {}, rH[8] = {};  // S, B, H at index (8 - r) & 7
 };
 
 // Exact 4-bit encode: code = #{c : x >= T[c]} by binary search (t7, then l2[k], l3[k], l4[k]).
@@ -92,9 +100,8 @@ inline bool is_mid(const float* q, const float* T, int c) {
 
 // the fast 8-bit encode of a >= 0 (or any x <= 0 for unsigned maps) in scalar form, as the lanes do it
 inline int fast8_region(float a, const Fast8& E) {
-  int k = a >= E.b3 ? 1 : 0;
-  k = 2 * k + (a >= E.l2[k] ? 1 : 0);
-  k = 2 * k + (a >= E.l3[k] ? 1 : 0);
+  int k = 0;
+  for (int i = 0; i < 7; ++i) k += a >= E.bnd[i] ? 1 : 0;
   return k;
 }
 inline void fast8_pos(float a, const Fast8& E, int& lo, int& hi) {
@@ -113,7 +120,7 @@ inline void build_fast4(const float* q, Fast4& E) {
   for (int k = 0; k < 8; ++k) E.l4[k] = T[2 * k];
 }
 
-inline void build_fast8(const float* q, Fast8& E) {
+inline void build_fast8(const float* q, Fast8& E, bool all_unsure = false) {
   E = Fast8();
   float T[255];
   thresholds(q, 256, T);
@@ -170,15 +177,13 @@ inline void build_fast8(const float* q, Fast8& E) {
     }
     E.H[r] = (float)hi[r] + 0.5f;
   }
-  E.b3 = bnd[3];
-  E.l2[0] = bnd[1]; E.l2[1] = bnd[5];
-  E.l3[0] = bnd[0]; E.l3[1] = bnd[2]; E.l3[2] = bnd[4]; E.l3[3] = bnd[6];
+  for (int i = 0; i < 7; ++i) E.bnd[i] = bnd[i];
   E.top = T[254];
   E.sgn = sgn;
   E.z = z;
   // delta: the smallest that makes every code's interval right (t is monotone in a, so checking
   // both ends of each interval suffices); exact negative-side ties must land in the unsure band.
-  for (float delta : {0x1p-12f, 0x1p-10f, 0x1p-8f}) {
+  for (float delta : {0x1p-18f, 0x1p-17f, 0x1p-16f, 0x1p-15f, 0x1p-14f, 0x1p-12f, 0x1p-10f, 0x1p-8f}) {
     E.delta = delta;
     bool good = true;
     for (int r = 0; r < nr && good; ++r) {
@@ -198,7 +203,20 @@ inline void build_fast8(const float* q, Fast8& E) {
         }
       }
     }
-    if (good) { E.ok = 1; return; }
+    if (good) {
+      if (all_unsure) E.delta = 0.5f;  // tests: t +- 1/2 always straddles an integer
+      auto ib = [](float f) { return (int32_t)f2u(f) - 1; };
+      for (int i = 0; i < 7; ++i) E.ib[i] = ib(bnd[i]);
+      E.itop = ib(E.top);
+      for (int r = 0; r < 8; ++r) {
+        E.rS[(8 - r) & 7] = E.S[r];
+        E.rB[(8 - r) & 7] = E.B[r];
+        E.rH[(8 - r) & 7] = E.H[r];
+      }
+      for (int i = 0; i < 2; ++i) E.itie[i] = std::isnan(E.tie[i]) ? -1 : (int32_t)f2u(E.tie[i]);
+      E.ok = 1;
+      return;
+    }
   }
 }
 
@@ -307,33 +325,46 @@ LB_INLINE __m256i encode_table_vec(__m256 x, const Codec& c) {
 }
 
 // x finite (non-finite moments were zeroed); codes of unsure lanes come from the table
-LB_INLINE __m256i encode_fast8_vec(__m256 x, const Fast8& E, const Codec& c) {
-#ifndef __FMA__
-  return encode_table_vec(x, c);
-#endif
+// Lanes whose code is unsure set bits in bad_acc (the caller re-encodes them with the table).
+LB_INLINE __m256i encode_fast8_vec(__m256 x, const Fast8& E, __m256i& bad_acc) {
+  // a >= 0 here (or any x <= 0 for unsigned maps, whose int bits are <= 0): compare as int32 bits
   __m256 a = E.sgn ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x) : x;
-  __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(E.b3), _CMP_GE_OQ)), 31);
-  __m256i m = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l2), k), _CMP_GE_OQ));
-  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
-  m = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l3), k), _CMP_GE_OQ));
-  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
-  __m256 t = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.S), k),
-                             _mm256_permutevar8x32_ps(_mm256_load_ps(E.B), k));
-  t = _mm256_min_ps(t, _mm256_permutevar8x32_ps(_mm256_load_ps(E.H), k));
+  __m256i ai = _mm256_castps_si256(a);
+  // region r = #{i : a >= bnd[i]} by 7 independent compares (short latency chain); the sum of the
+  // masks is -r, and -r & 7 indexes tables stored at (8 - r) & 7
+  __m256i k0 = _mm256_add_epi32(_mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[0])),
+                                _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[1])));
+  __m256i k1 = _mm256_add_epi32(_mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[2])),
+                                _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[3])));
+  __m256i k2 = _mm256_add_epi32(_mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[4])),
+                                _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[5])));
+  __m256i k = _mm256_add_epi32(_mm256_add_epi32(k0, k1),
+                               _mm256_add_epi32(k2, _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[6]))));
+  __m256 t = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.rS), k),
+                             _mm256_permutevar8x32_ps(_mm256_load_ps(E.rB), k));
+  t = _mm256_min_ps(t, _mm256_permutevar8x32_ps(_mm256_load_ps(E.rH), k));
   __m256 d = _mm256_set1_ps(E.delta);
   __m256i lo = _mm256_cvttps_epi32(_mm256_sub_ps(t, d));
   __m256i bad = _mm256_xor_si256(lo, _mm256_cvttps_epi32(_mm256_add_ps(t, d)));
-  __m256i top = _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(E.top), _CMP_GE_OQ));
+  __m256i top = _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.itop));
   __m256i code = _mm256_or_si256(lo, _mm256_and_si256(top, _mm256_set1_epi32(255)));
   if (E.sgn) {
-    bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(a, _mm256_set1_ps(E.tie[0]), _CMP_EQ_OQ),
-                                                                _mm256_cmp_ps(a, _mm256_set1_ps(E.tie[1]), _CMP_EQ_OQ))));
+    bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpeq_epi32(ai, _mm256_set1_epi32(E.itie[0])),
+                                               _mm256_cmpeq_epi32(ai, _mm256_set1_epi32(E.itie[1]))));
     __m256i neg = _mm256_sub_epi32(_mm256_set1_epi32(2 * E.z), lo);
     code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(code), _mm256_castsi256_ps(neg), x));
   }
+  bad_acc = _mm256_or_si256(bad_acc, bad);
+  return code;
+}
+
+LB_INLINE __m256i encode8_checked(__m256 x, const Fast8& E, const Codec& c) {
+  __m256i bad = _mm256_setzero_si256();
+  __m256i code = encode_fast8_vec(x, E, bad);
   if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0) && !E.no_fallback) return encode_table_vec(x, c);
   return code;
 }
+
 
 LB_INLINE __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
   __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(E.t7), _CMP_GE_OQ)), 31);
@@ -405,6 +436,12 @@ LB_INLINE void store8_codes(uint8_t* dst, __m256i c) {
   uint32_t hi = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(s, 1));
   uint64_t w = (uint64_t)lo | ((uint64_t)hi << 32);
   std::memcpy(dst, &w, 8);
+}
+
+// re-encode n (multiple of 8) codes of buf * inv where the arithmetic encode was unsure
+__attribute__((noinline, cold)) void reencode8(const float* buf, int64_t n, __m256 inv, uint8_t* codes, const Fast8& E,
+                                               const Codec& c) {
+  for (int64_t i = 0; i < n; i += 8) store8_codes(codes + i, encode8_checked(_mm256_mul_ps(_mm256_load_ps(buf + i), inv), E, c));
 }
 
 inline __m256i nibble_shifts() { return _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28); }
@@ -580,8 +617,8 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
         store4_codes(mc + (i >> 1), A.f4m ? encode_fast4_vec(xm, *A.f4m) : encode_table_vec(xm, *A.cm));
         store4_codes(vc + (i >> 1), A.f4v ? encode_fast4_vec(xv, *A.f4v) : encode_table_vec(xv, *A.cv));
       } else {
-        store8_codes(mc + i, A.f8m ? encode_fast8_vec(xm, *A.f8m, *A.cm) : encode_table_vec(xm, *A.cm));
-        store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
+        store8_codes(mc + i, A.f8m ? encode8_checked(xm, *A.f8m, *A.cm) : encode_table_vec(xm, *A.cm));
+        store8_codes(vc + i, A.f8v ? encode8_checked(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
       }
     }
   }
@@ -684,7 +721,8 @@ struct Pipe {
     __m256 u = _mm256_and_ps(_mm256_div_ps(m, denom), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
     store_p_vec<P>(p + e, _mm256_sub_ps(pp, _mm256_mul_ps(H.ss, u)), (uint32_t)e, h);
   }
-  LB_INLINE void c_vec(int64_t b, int64_t i, const float* bm, const float* bv, __m256 im, __m256 iv) const {
+  LB_INLINE void c_vec(int64_t b, int64_t i, const float* bm, const float* bv, __m256 im, __m256 iv, __m256i& bad_m,
+                       __m256i& bad_v) const {
     __m256 xm = _mm256_mul_ps(_mm256_load_ps(bm + i), im);
     __m256 xv = _mm256_mul_ps(_mm256_load_ps(bv + i), iv);
     uint8_t* mc = mcb(b);
@@ -696,19 +734,27 @@ struct Pipe {
       store4_codes(mc + (i >> 1), A.f4m ? encode_fast4_vec(xm, *A.f4m) : encode_table_vec(xm, *A.cm));
       store4_codes(vc + (i >> 1), A.f4v ? encode_fast4_vec(xv, *A.f4v) : encode_table_vec(xv, *A.cv));
     } else {
-      store8_codes(mc + i, A.f8m ? encode_fast8_vec(xm, *A.f8m, *A.cm) : encode_table_vec(xm, *A.cm));
-      store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, *A.cv) : encode_table_vec(xv, *A.cv));
+      store8_codes(mc + i, A.f8m ? encode_fast8_vec(xm, *A.f8m, bad_m) : encode_table_vec(xm, *A.cm));
+      store8_codes(vc + i, A.f8v ? encode_fast8_vec(xv, *A.f8v, bad_v) : encode_table_vec(xv, *A.cv));
     }
+  }
+  // after C of a whole block: redo the 8-bit codes if any lane was unsure
+  void c_fix(int64_t b, const float* bm, const float* bv, __m256 im, __m256 iv, __m256i& bad_m, __m256i& bad_v) const {
+    if (A.mode == Q8) {
+      if (__builtin_expect(!_mm256_testz_si256(bad_m, bad_m), 0)) reencode8(bm, bs, im, mcb(b), *A.f8m, *A.cm);
+      if (__builtin_expect(!_mm256_testz_si256(bad_v, bad_v), 0)) reencode8(bv, bs, iv, vcb(b), *A.f8v, *A.cv);
+    }
+    bad_m = bad_v = _mm256_setzero_si256();
   }
   LB_INLINE __m256i enc_m(__m256 x) const {
     if (A.mode == FP8) return encode_fp8_vec(x);
     if (A.mode == Q4) return A.f4m ? encode_fast4_vec(x, *A.f4m) : encode_table_vec(x, *A.cm);
-    return A.f8m ? encode_fast8_vec(x, *A.f8m, *A.cm) : encode_table_vec(x, *A.cm);
+    return A.f8m ? encode8_checked(x, *A.f8m, *A.cm) : encode_table_vec(x, *A.cm);
   }
   LB_INLINE __m256i enc_v(__m256 x) const {
     if (A.mode == FP8) return encode_fp8_vec(x);
     if (A.mode == Q4) return A.f4v ? encode_fast4_vec(x, *A.f4v) : encode_table_vec(x, *A.cv);
-    return A.f8v ? encode_fast8_vec(x, *A.f8v, *A.cv) : encode_table_vec(x, *A.cv);
+    return A.f8v ? encode8_checked(x, *A.f8v, *A.cv) : encode_table_vec(x, *A.cv);
   }
   // C on 32 elements, codes packed into one store per moment
   LB_INLINE void c_vec4(int64_t b, int64_t i, const float* bm, const float* bv, __m256 im, __m256 iv) const {
@@ -757,6 +803,7 @@ struct Pipe {
   // blocks [b0, b1), each of bs elements
   void run(int64_t b0, int64_t b1) {
     if (b0 >= b1) return;
+    __m256i bad_m = _mm256_setzero_si256(), bad_v = _mm256_setzero_si256();  // unsure 8-bit lanes of a block
     int cur = 0;
     AState st = a_begin(b0);
     for (int64_t i = 0; i < bs; i += 8) a_vec(b0, i, buf[cur][0], buf[cur][1], st);
@@ -771,7 +818,7 @@ struct Pipe {
         a_end(b, bs, st, bm, bv, im, iv);
         if (next) {
           AState sn = a_begin(b + 1);
-          if (bs % 32 == 0) {
+          if (bs % 32 == 0 && A.mode != Q8) {  // (measured: the 8-bit encode does better unpacked)
             for (int64_t i = 0; i < bs; i += 32) {
               for (int64_t k = 0; k < 32; k += 8) b_vec(b, i + k, bm, bv);
               c_vec4(b, i, bm, bv, im, iv);
@@ -780,22 +827,25 @@ struct Pipe {
           } else {
             for (int64_t i = 0; i < bs; i += 8) {
               b_vec(b, i, bm, bv);
-              c_vec(b, i, bm, bv, im, iv);
+              c_vec(b, i, bm, bv, im, iv, bad_m, bad_v);
               a_vec(b + 1, i, nm, nv, sn);
             }
+            c_fix(b, bm, bv, im, iv, bad_m, bad_v);
           }
           st = sn;
         } else {
           for (int64_t i = 0; i < bs; i += 8) {
             b_vec(b, i, bm, bv);
-            c_vec(b, i, bm, bv, im, iv);
+            c_vec(b, i, bm, bv, im, iv, bad_m, bad_v);
           }
+          c_fix(b, bm, bv, im, iv, bad_m, bad_v);
         }
       } else {
         for (int64_t i = 0; i < bs; i += 8) b_vec(b, i, bm, bv);
         __m256 im, iv;
         a_end(b, bs, st, bm, bv, im, iv);
-        for (int64_t i = 0; i < bs; i += 8) c_vec(b, i, bm, bv, im, iv);
+        for (int64_t i = 0; i < bs; i += 8) c_vec(b, i, bm, bv, im, iv, bad_m, bad_v);
+        c_fix(b, bm, bv, im, iv, bad_m, bad_v);
         if (next) {
           st = a_begin(b + 1);
           for (int64_t i = 0; i < bs; i += 8) a_vec(b + 1, i, nm, nv, st);
@@ -851,7 +901,7 @@ int lowbit_has_avx2() { return 0; }
 // hyper: [n, 9] fp32 rows (b1, omb1, b2, omb2, eps, step_size, inv_bc2_sqrt, decay, wd).
 // meta_*: a_lo, a_hi, shift, ncells of the encode cell table.
 // flags: 1 maximize, 2 coupled weight decay (Adam), 4 bf16 stochastic rounding, 8 scalar only,
-// 16 table encode (no arithmetic encode).
+// 16 table encode (no arithmetic encode), 32 (tests) 8-bit arithmetic encode with every lane unsure.
 int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_size, void** params, void** grads,
                      void** m_data, float** m_scale, void** v_data, float** v_scale, const int64_t* numels,
                      const float* hyper, const uint32_t* seeds, const float* qmap_m, const float* qmap_v,
@@ -868,8 +918,8 @@ int lowbit_adam_step(int64_t n_params, int mode, int param_bf16, int64_t block_s
   Fast4 f4m, f4v;
   const bool fast = (flags & 16) == 0;  // 16: table encode (tests, benchmarks)
   if (mode == Q8 && fast) {
-    build_fast8(qmap_m, f8m);
-    build_fast8(qmap_v, f8v);
+    build_fast8(qmap_m, f8m, (flags & 32) != 0);
+    build_fast8(qmap_v, f8v, (flags & 32) != 0);
   }
   if (mode == Q4 && fast) {
     build_fast4(qmap_m, f4m);
@@ -928,7 +978,7 @@ int64_t lowbit_encode_check(int bits, const float* qmap, const int32_t* tab, con
   }
   int64_t bad = 0;
   const int32_t cmask = bits == 8 ? 255 : 15;
-  auto enc = [&](__m256 x) { return bits == 8 ? encode_fast8_vec(x, f8, c) : encode_fast4_vec(x, f4); };
+  auto enc = [&](__m256 x) { return bits == 8 ? encode8_checked(x, f8, c) : encode_fast4_vec(x, f4); };
   for (uint32_t sign : {0u, 0x80000000u}) {
     for (uint64_t u = u_lo; u < u_hi; u += 8) {
       alignas(32) uint32_t in[8];
@@ -944,7 +994,7 @@ int64_t lowbit_encode_check(int bits, const float* qmap, const int32_t* tab, con
         if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(got, _mm256_set1_epi32(c0))) == -1) continue;
       }
       alignas(32) int32_t g[8];
-      _mm256_store_si256((__m256i*)g, got);
+      _mm256_store_si256((__m256i*)g, got);  // (already masked)
       for (int j = 0; j < 8; ++j) {
         if (g[j] != encode_table_scalar(u2f(in[j]), c)) {
           if (bad == 0 && first_bad) *first_bad = in[j];
