@@ -16,8 +16,8 @@
 // then per block: amax = max |x| over finite x, scale = max(amax, 1e-30) (/ 448 for fp8),
 // code = nearest(x * (1 / scale)) with non-finite x stored as the code of 0.
 //
-// Encode (AVX2): no table gather. 4-bit maps: a 4-level binary search over the 15 midpoint
-// thresholds, each level one lane permute (exact by construction). 8-bit dynamic maps: the positive
+// Encode (AVX2): no table gather. 4-bit maps: code = #{c : x >= T[c]} over the 15 midpoint
+// thresholds, counted in two levels of compares (the second with lane permutes; exact by construction). 8-bit dynamic maps: the positive
 // values form <= 7 decades, each a near-linear grid, so code = floor(|x| * S[r] + B[r]) with the
 // decade r = the count of exact decade boundaries <= |x| (7 independent compares); lanes whose t
 // lies within delta of an integer (and exact midpoint ties on the negative side) are flagged, and a
@@ -67,10 +67,11 @@ struct Fast8 {
   alignas(32) float rS[8] = {}, rB[8] = {}, rH[8] = {};  // S, B, H at index (8 - r) & 7
 };
 
-// Exact 4-bit encode: code = #{c : x >= T[c]} by binary search (t7, then l2[k], l3[k], l4[k]).
+// Exact 4-bit encode: code = #{c : x >= T[c]} = 4 k + s with k = #{T[3], T[7], T[11] <= x} and
+// s = #{T[4k], T[4k+1], T[4k+2] <= x} (tables a, b, c indexed by -k & 7).
 struct Fast4 {
-  float t7 = 0.0f;
-  alignas(32) float l2[8] = {}, l3[8] = {}, l4[8] = {};
+  float t3 = 0.0f, t7 = 0.0f, t11 = 0.0f;
+  alignas(32) float a[8] = {}, b[8] = {}, c[8] = {};
 };
 
 #define LB_INLINE inline __attribute__((always_inline))
@@ -114,10 +115,14 @@ inline void fast8_pos(float a, const Fast8& E, int& lo, int& hi) {
 inline void build_fast4(const float* q, Fast4& E) {
   float T[15];
   thresholds(q, 16, T);
+  E.t3 = T[3];
   E.t7 = T[7];
-  for (int k = 0; k < 2; ++k) E.l2[k] = T[8 * k + 3];
-  for (int k = 0; k < 4; ++k) E.l3[k] = T[4 * k + 1];
-  for (int k = 0; k < 8; ++k) E.l4[k] = T[2 * k];
+  E.t11 = T[11];
+  for (int k = 0; k < 4; ++k) {
+    E.a[(8 - k) & 7] = T[4 * k];
+    E.b[(8 - k) & 7] = T[4 * k + 1];
+    E.c[(8 - k) & 7] = T[4 * k + 2];
+  }
 }
 
 inline void build_fast8(const float* q, Fast8& E, bool all_unsure = false) {
@@ -367,13 +372,13 @@ LB_INLINE __m256i encode8_checked(__m256 x, const Fast8& E, const Codec& c) {
 
 
 LB_INLINE __m256i encode_fast4_vec(__m256 x, const Fast4& E) {
-  __m256i k = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(E.t7), _CMP_GE_OQ)), 31);
-  __m256i m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l2), k), _CMP_GE_OQ));
-  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
-  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l3), k), _CMP_GE_OQ));
-  k = _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
-  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(_mm256_load_ps(E.l4), k), _CMP_GE_OQ));
-  return _mm256_sub_epi32(_mm256_add_epi32(k, k), m);
+  auto ge = [&](__m256 t) { return _mm256_castps_si256(_mm256_cmp_ps(x, t, _CMP_GE_OQ)); };
+  __m256i k = _mm256_add_epi32(_mm256_add_epi32(ge(_mm256_set1_ps(E.t3)), ge(_mm256_set1_ps(E.t7))),
+                               ge(_mm256_set1_ps(E.t11)));  // -k
+  __m256i s = _mm256_add_epi32(_mm256_add_epi32(ge(_mm256_permutevar8x32_ps(_mm256_load_ps(E.a), k)),
+                                                ge(_mm256_permutevar8x32_ps(_mm256_load_ps(E.b), k))),
+                               ge(_mm256_permutevar8x32_ps(_mm256_load_ps(E.c), k)));  // -s
+  return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(_mm256_slli_epi32(k, 2), s));
 }
 
 // |x| <= 448 (1 + 4e-7) here (x = moment / (absmax / 448)), so no saturation is needed: the
