@@ -401,8 +401,12 @@ LB_INLINE __m256i encode_fp8_vec(__m256 x) {  // x finite
   return _mm256_or_si256(mag, sign);
 }
 
-LB_INLINE __m256 decode8_vec(const uint8_t* c, const float* q) {  // measured: beats vpgatherdd on Zen 3
-  return _mm256_setr_ps(q[c[0]], q[c[1]], q[c[2]], q[c[3]], q[c[4]], q[c[5]], q[c[6]], q[c[7]]);
+// the eight codes from one 8-byte load, split in a register (fewer load uops than byte loads)
+LB_INLINE __m256 decode8_vec(const uint8_t* c, const float* q) {
+  uint64_t w; std::memcpy(&w, c, 8);
+  __m128 lo = _mm_setr_ps(q[w & 255], q[(w >> 8) & 255], q[(w >> 16) & 255], q[(w >> 24) & 255]);
+  __m128 hi = _mm_setr_ps(q[(w >> 32) & 255], q[(w >> 40) & 255], q[(w >> 48) & 255], q[w >> 56]);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
 
 // e4m3fn bits -> fp32, exactly: normals by moving the bits (exponent bias 7 -> 127), subnormals
