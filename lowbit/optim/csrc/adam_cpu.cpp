@@ -127,6 +127,9 @@ inline void build_fast4(const float* q, Fast4& E) {
 
 inline void build_fast8(const float* q, Fast8& E, bool all_unsure = false) {
   E = Fast8();
+#ifndef __FMA__
+  return;
+#endif
   float T[255];
   thresholds(q, 256, T);
   for (int c = 0; c < 255; ++c)
@@ -345,8 +348,13 @@ LB_INLINE __m256i encode_fast8_vec(__m256 x, const Fast8& E, __m256i& bad_acc) {
                                 _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[5])));
   __m256i k = _mm256_add_epi32(_mm256_add_epi32(k0, k1),
                                _mm256_add_epi32(k2, _mm256_cmpgt_epi32(ai, _mm256_set1_epi32(E.ib[6]))));
+#ifdef __FMA__
   __m256 t = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.rS), k),
                              _mm256_permutevar8x32_ps(_mm256_load_ps(E.rB), k));
+#else  // unused: build_fast8 leaves ok = 0 without FMA (its checks model the fused multiply-add)
+  __m256 t = _mm256_add_ps(_mm256_mul_ps(a, _mm256_permutevar8x32_ps(_mm256_load_ps(E.rS), k)),
+                           _mm256_permutevar8x32_ps(_mm256_load_ps(E.rB), k));
+#endif
   t = _mm256_min_ps(t, _mm256_permutevar8x32_ps(_mm256_load_ps(E.rH), k));
   __m256 d = _mm256_set1_ps(E.delta);
   __m256i lo = _mm256_cvttps_epi32(_mm256_sub_ps(t, d));
@@ -804,7 +812,7 @@ struct Pipe {
     vsc[b] = nsv;
     return clean;
   }
-  bool clean_a(int64_t b, int64_t n, const AState& st) const {
+  bool clean_a(const AState& st) const {
     return _mm256_movemask_ps(st.nan) == 0 && hmax(st.am) <= 3.4028234663852886e38f &&
            hmax(st.av) <= 3.4028234663852886e38f;
   }
@@ -822,7 +830,7 @@ struct Pipe {
       float* nm = buf[cur ^ 1][0];
       float* nv = buf[cur ^ 1][1];
       const bool next = b + 1 < b1;
-      if (clean_a(b, bs, st)) {
+      if (clean_a(st)) {
         __m256 im, iv;
         a_end(b, bs, st, bm, bv, im, iv);
         if (next) {
