@@ -65,17 +65,19 @@ def _run(argv: list[str]) -> int:
 def _data(argv: list[str]) -> int:
     import argparse
 
-    from lowbit.data import generate_corpus, generate_hellaswag, write_jsonl
+    from lowbit.data import generate_corpus, generate_hellaswag, make_world, write_jsonl
 
     p = argparse.ArgumentParser(prog="lowbit data", description="Write lowbit's generated corpus and task.")
     p.add_argument("--output", default="lowbit_data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-docs", type=int, default=4096)
     p.add_argument("--num-items", type=int, default=500)
+    p.add_argument("--num-activities", type=int, default=64, help="activities in the world (at most 320)")
     a = p.parse_args(argv)
     out = Path(a.output)
-    write_jsonl([{"text": t} for t in generate_corpus(a.num_docs, a.seed)], out / "corpus.jsonl")
-    write_jsonl(generate_hellaswag(a.num_items, a.seed), out / "hellaswag_local.jsonl")
+    world = make_world(a.seed, a.num_activities)
+    write_jsonl([{"text": t} for t in generate_corpus(a.num_docs, a.seed, world)], out / "corpus.jsonl")
+    write_jsonl(generate_hellaswag(a.num_items, a.seed, world), out / "hellaswag_local.jsonl")
     print(f"wrote {out / 'corpus.jsonl'} and {out / 'hellaswag_local.jsonl'}")
     return 0
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from lowbit.data import generate_corpus, load_texts, pack_documents
+from lowbit.data import generate_corpus, load_texts, make_world, pack_documents
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
@@ -51,7 +51,8 @@ class TrainingRecipe:
         "model": {"preset": None, "overrides": None},
         "base_checkpoint": None,
         "tokenizer": {"path": None, "vocab_size": None},
-        "data": {"source": None, "num_docs": None, "world_seed": None, "seq_len": None, "text_field": None},
+        "data": {"source": None, "num_docs": None, "world_seed": None, "num_activities": None, "seq_len": None,
+                 "text_field": None},
         "batch_size": None,
         "gradient_accumulation_steps": None,
         "max_steps": None,
@@ -156,7 +157,8 @@ class TrainingRecipe:
     def _texts(self) -> list[str]:
         data = self.cfg.data
         if data.source == "generated":
-            return generate_corpus(num_docs=data.num_docs, seed=data.world_seed)
+            world = make_world(data.world_seed, data.get("num_activities") or 64)
+            return generate_corpus(num_docs=data.num_docs, seed=data.world_seed, world=world)
         return load_texts(data.source, text_field=data.get("text_field", "text"))
 
     def _load_data(self) -> torch.Tensor:
