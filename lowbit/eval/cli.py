@@ -7,6 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from lm_eval.utils import make_table
 
     from lowbit.eval.evaluate import AUTO, evaluate
@@ -19,14 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default=AUTO,
                    help="inference quantization: none, 8w, 8da8w, 4w, 8da4w (default: the QAT scheme recorded "
                         "in the checkpoint, else none)")
-    p.add_argument("--group-size", type=int, help="(unused unless the scheme takes one)")
+    p.add_argument("--group-size", type=int,
+                   help="weight group size for 4w / 8da4w (default: the QAT recipe's, else the scheme's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="inference dtype (default: bf16 for 4w / 8w / 8da4w, whose fast CPU kernels take bf16; "
+                        "fp32 reproduces an fp32 QAT model's fake-quant numbers exactly)")
     p.add_argument("--compile", action="store_true", help="torch.compile with the Xeon Inductor flags")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", default=None, help="directory for results.json")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         results = evaluate(a.checkpoint, task_file=a.task_file, tasks=a.tasks, limit=a.limit, scheme=a.scheme,
-                           compile=a.compile, batch_size=a.batch_size, output_dir=a.output)
+                           compile=a.compile, batch_size=a.batch_size, output_dir=a.output,
+                           group_size=a.group_size,
+                           dtype={"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[a.dtype])
     except (FileNotFoundError, ValueError) as e:
         print(f"lowbit eval: error: {e}", file=sys.stderr)
         return 2

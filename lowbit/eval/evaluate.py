@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from lowbit.eval.lm_eval_adapter import LowbitLM
 from lowbit.eval.tasks import local_task_dir
 from lowbit.models.checkpoint import load_checkpoint
@@ -24,22 +26,27 @@ def default_task_file() -> Path:
     return path
 
 
-def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, compile: bool = False):
+def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, compile: bool = False,
+                          *, group_size: int | None = None, dtype: torch.dtype | None = None):
     """Apply the inference quantization ``scheme`` (``"auto"``: the scheme recorded in the checkpoint
     by the QAT recipe, else none; ``None`` / ``"none"``: float) and optionally compile for CPU.
 
+    ``group_size``: default the recorded QAT group size (``"auto"``) or the scheme's default;
+    ``dtype``: see ``quantize_for_inference`` (``torch.float32`` reproduces fp32 fake quant exactly).
     Returns ``(model, scheme_used)``.
     """
-    group_size = None
     if scheme == AUTO:
         scheme = (meta or {}).get("qat_scheme")
-        group_size = (meta or {}).get("qat_group_size")
+        if group_size is None:
+            group_size = (meta or {}).get("qat_group_size")
     if scheme in (None, "none"):
         scheme = None
+        if dtype is not None:
+            model = model.to(dtype)
     else:
         from lowbit.eval.quantize import quantize_for_inference
 
-        model = quantize_for_inference(model, scheme, group_size=group_size)
+        model = quantize_for_inference(model, scheme, group_size=group_size, dtype=dtype)
     if compile:
         from lowbit.eval.compile import compile_for_cpu
 
@@ -60,13 +67,15 @@ def evaluate(
     batch_size: int = 32,
     log_samples: bool = False,
     output_dir: str | Path | None = None,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Run lm-eval on a checkpoint dir / run dir / HF dir, or on ``model`` + ``tokenizer``.
 
     ``tasks``: ``hellaswag_local`` (``task_file``, default the generated set) or ``hellaswag`` (lm-eval's
     own task from the local HF datasets cache, offline). Returns lm-eval's results dict, with
     ``results["lowbit"] = {"scheme", "compiled", "checkpoint"}``; writes ``results.json`` to
-    ``output_dir`` if given.
+    ``output_dir`` if given. ``group_size`` / ``dtype``: see :func:`prepare_for_inference`.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -78,7 +87,8 @@ def evaluate(
         model, tokenizer, meta = load_checkpoint(checkpoint)
     elif tokenizer is None:
         raise ValueError("evaluate(model=...) also needs tokenizer=...")
-    model, scheme_used = prepare_for_inference(model.eval(), meta, scheme, compile)
+    model, scheme_used = prepare_for_inference(model.eval(), meta, scheme, compile, group_size=group_size,
+                                               dtype=dtype)
 
     if tasks == "hellaswag_local":
         task_file = Path(task_file) if task_file else default_task_file()

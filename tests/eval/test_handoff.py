@@ -31,3 +31,21 @@ def test_fake_quant_and_deployed_model_choose_the_same_endings(trained, scheme, 
     assert res["same_choice"] == res["items"]
     assert res["max_abs_ll_diff"] <= tol
     assert res["acc_norm_fake_quant"] == res["acc_norm_deployed"]
+
+
+def test_lowbit_eval_passes_group_size_and_dtype(trained, monkeypatch, capsys):
+    from lowbit.eval import cli, quantize
+
+    run, task = trained
+    seen = []
+    real = quantize.quantize_for_inference
+
+    def spy(model, scheme, **kw):
+        seen.append((scheme, kw))
+        return real(model, scheme, **kw)
+
+    monkeypatch.setattr(quantize, "quantize_for_inference", spy)
+    assert cli.main(["--checkpoint", str(run), "--task-file", str(task), "--limit", "4", "--scheme", "8da4w",
+                     "--group-size", "64", "--dtype", "fp32"]) == 0
+    assert seen == [("8da4w", {"group_size": 64, "dtype": torch.float32})]
+    assert "scheme: 8da4w" in capsys.readouterr().out
