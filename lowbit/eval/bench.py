@@ -36,7 +36,7 @@ from torch import nn
 
 from lowbit.eval.compile import CompilerNotFoundError, compile_for_cpu
 from lowbit.eval.generate import Generator
-from lowbit.eval.quantize import INFERENCE_SCHEMES, model_bytes, quantize_for_inference
+from lowbit.eval.quantize import DTYPE_NAMES, INFERENCE_SCHEMES, model_bytes, quantize_for_inference
 
 RANDOM_WEIGHTS_NOTE = "random-weight preset: speed only, the generated text is meaningless"
 
@@ -275,10 +275,6 @@ def run_speed_arm(model_or_preset: str | nn.Module, schemes: list[str] | str, wo
     return {"rows": rows, "markdown": md, "plot": str(plot), "description": desc}
 
 
-_DTYPE_NAMES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit bench", description="CPU inference throughput per quantization scheme")
     src = p.add_mutually_exclusive_group(required=True)
@@ -290,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch.compile with the CPU Inductor flags (default)")
     mode.add_argument("--eager", dest="modes", action="store_const", const=("eager",))
     mode.add_argument("--both", dest="modes", action="store_const", const=("eager", "compiled"))
-    p.add_argument("--dtype", default="auto", choices=sorted(_DTYPE_NAMES),
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPE_NAMES),
                    help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype")
     p.add_argument("--group-size", type=int, default=None, help="group size for 4w / 8da4w")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         schemes = parse_schemes(args.schemes)
         rows, desc = bench_rows(
-            args.checkpoint or args.preset, schemes, modes=args.modes, dtype=_DTYPE_NAMES[args.dtype],
+            args.checkpoint or args.preset, schemes, modes=args.modes, dtype=DTYPE_NAMES[args.dtype],
             group_size=args.group_size, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
             batch_size=args.batch_size, repeats=args.repeats, profile=not args.no_profile,
         )

@@ -7,10 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
     from lm_eval.utils import make_table
 
     from lowbit.eval.evaluate import AUTO, evaluate
+    from lowbit.eval.quantize import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="lowbit eval", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="lowbit checkpoint, run dir, or HF Llama dir")
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                         "in the checkpoint, else none)")
     p.add_argument("--group-size", type=int,
                    help="weight group size for 4w / 8da4w (default: the QAT recipe's, else the scheme's)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="auto",
                    help="inference dtype (default: bf16 for 4w / 8w / 8da4w, whose fast CPU kernels take bf16; "
                         "fp32 reproduces an fp32 QAT model's fake-quant numbers exactly)")
     p.add_argument("--compile", action="store_true", help="torch.compile with the Xeon Inductor flags")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(a.checkpoint, task_file=a.task_file, tasks=a.tasks, limit=a.limit, scheme=a.scheme,
                            compile=a.compile, batch_size=a.batch_size, output_dir=a.output,
                            group_size=a.group_size,
-                           dtype={"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[a.dtype])
+                           dtype=DTYPE_NAMES[a.dtype])
     except (FileNotFoundError, ValueError) as e:
         print(f"lowbit eval: error: {e}", file=sys.stderr)
         return 2

@@ -99,7 +99,7 @@ class _AdamLowBit(torch.optim.Optimizer):
             settings = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             fmt = FORMATS[self._format]
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                id_to_param[pid] = p
+                id_to_param[pid] = p, settings
                 st = state_dict["state"].get(pid)
                 if st is not None:
                     check_state(st, p, fmt, settings["block_size"], settings["min_quant_size"], _where(group, gi, i))
@@ -107,15 +107,14 @@ class _AdamLowBit(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         # torch casts floating state to the param dtype; put back the exact saved tensors
         for pid, st in saved_state.items():
-            p = id_to_param[pid]
+            p, settings = id_to_param[pid]
             mine = self.state[p]
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     mine[k] = v.detach().clone() if k == "step" else v.detach().to(device=p.device, copy=True)
             if isinstance(p, DTensor):  # a full (1-process) state dict loaded into a sharded optimizer
-                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-                kind = sharding.plan(p, FORMATS[self._format], group["block_size"], group["min_quant_size"])
-                mine.update(sharding.localize_loaded_state(mine, p, kind, is_quantized(p, group["min_quant_size"])))
+                mine.update(sharding.localize_loaded_state(mine, p, fmt, settings["block_size"],
+                                                           settings["min_quant_size"]))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

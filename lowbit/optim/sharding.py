@@ -120,18 +120,19 @@ def _fill_value(fmt: StateFormat, key: str, block_size: int) -> int:
     return _zero_codes(fmt, block_size).get(key, 0)
 
 
-def localize_loaded_state(st: dict, p: DTensor, kind: str, quantized: bool) -> dict:
-    """Turn plain (full) state tensors loaded into a DTensor parameter's state into DTensors of ``kind``."""
-    mesh = p.device_mesh
-    placements = _state_placements(p, kind, quantized)
-    out = {}
-    for k, v in st.items():
-        if k == "step" or not isinstance(v, Tensor) or isinstance(v, DTensor):
-            out[k] = v
-            continue
-        full = DTensor.from_local(v.to(p.to_local().device), mesh, [Replicate()] * mesh.ndim, run_check=False)
-        out[k] = full.redistribute(mesh, placements)
-    return out
+def _shard(full: Tensor, mesh, placements) -> DTensor:
+    """This rank's part of ``full`` (the same on every rank) as a DTensor with ``placements``; local slicing."""
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, placements)
+
+
+def localize_loaded_state(st: dict, p: DTensor, fmt: StateFormat, block_size: int, min_quant_size: int) -> dict:
+    """Turn plain (full) state tensors loaded into a DTensor parameter's state into DTensors of its plan."""
+    kind = plan(p, fmt, block_size, min_quant_size)
+    placements = _state_placements(p, kind, is_quantized(p, min_quant_size))
+    device = p.to_local().device
+    return {k: _shard(v.to(device), p.device_mesh, placements)
+            if k != "step" and isinstance(v, Tensor) and not isinstance(v, DTensor) else v
+            for k, v in st.items()}
 
 
 def local_views(state: dict) -> dict:
@@ -141,9 +142,7 @@ def local_views(state: dict) -> dict:
 
 def write_back_shard(p: DTensor, full: Tensor) -> None:
     """Copy this rank's shard of the updated full tensor ``full`` into ``p``'s local tensor."""
-    mesh = p.device_mesh
-    shard = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    p.to_local().copy_(shard.redistribute(mesh, p.placements).to_local())
+    p.to_local().copy_(_shard(full, p.device_mesh, p.placements).to_local())
 
 
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
