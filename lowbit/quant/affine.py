@@ -132,14 +132,18 @@ def tinygemm_qparams(
     return scale, zero.to(w.dtype)
 
 
+def _round_add(u: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``round(u) + zero_point`` (the integer code before clamping); no zero point: ``round(u)``."""
+    r = torch.round(u)
+    return r if zero_point is None else r + zero_point
+
+
 class _RoundAddClampSTE(torch.autograd.Function):
     """``clamp(round(u) + zero_point, qmin, qmax)``; gradient: identity, zero where clipped."""
 
     @staticmethod
     def forward(ctx, u, zero_point, qmin, qmax):
-        r = torch.round(u)
-        if zero_point is not None:
-            r = r + zero_point
+        r = _round_add(u, zero_point)
         ctx.save_for_backward((r >= qmin) & (r <= qmax))
         return torch.clamp(r, qmin, qmax)
 
@@ -159,10 +163,7 @@ def round_clamp(
     """
     if ste and u.requires_grad:
         return _RoundAddClampSTE.apply(u, zero_point, qmin, qmax)
-    r = torch.round(u)
-    if zero_point is not None:
-        r = r + zero_point
-    return torch.clamp(r, qmin, qmax)
+    return torch.clamp(_round_add(u, zero_point), qmin, qmax)
 
 
 def quantize(
@@ -236,11 +237,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, group_size):
-        xg = group_view(x, group_size)
         zp = None if zero_point is None else _expand(zero_point)
-        r = torch.round(xg * (1.0 / _expand(scale)))
-        if zp is not None:
-            r = r + zp
+        r = _round_add(group_view(x, group_size) * (1.0 / _expand(scale)), zp)
         # uint8, not bool: Inductor's CPU code for a fused kernel that also stores a bool mask ran ~10%
         # slower per QAT step on the tiny model (measured, compiled 8da4w)
         ctx.save_for_backward(((r >= qmin) & (r <= qmax)).view(x.shape).to(torch.uint8))
