@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -20,3 +21,10 @@ SMALL_RUN = [
 def small_run(tmp_path):
     """Overrides for a seconds-long training run writing into a fresh directory."""
     return [*SMALL_RUN, f"output_dir={tmp_path / 'run'}"]
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a test's own process group (gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

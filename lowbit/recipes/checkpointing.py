@@ -66,7 +66,7 @@ def save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, to
     rt.barrier()
 
 
-def check_compatible(ckpt: Path, model_args: dict, optimizer) -> dict:
+def check_compatible(ckpt: Path, model_args: dict, optimizer) -> None:
     """Raise ``ConfigError`` saying what differs if ``ckpt`` was written for another model or optimizer."""
     meta = read_meta(ckpt)
     if not (ckpt / DCP_DIR / ".metadata").exists():
@@ -81,7 +81,6 @@ def check_compatible(ckpt: Path, model_args: dict, optimizer) -> dict:
     if meta.get("optimizer") != want:
         raise ConfigError(f"cannot resume from {ckpt}: it was written with optimizer {meta.get('optimizer')}, "
                           f"this run uses {want}")
-    return meta
 
 
 def load(ckpt: Path, rt: Runtime, model, optimizer) -> dict:

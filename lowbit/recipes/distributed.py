@@ -50,14 +50,6 @@ class Runtime:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order (on every rank)."""
         if not self.distributed:

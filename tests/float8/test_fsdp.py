@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from lowbit.float8 import Float8TrainingConfig, convert_back, convert_to_float8_training
 from lowbit.float8.fsdp import Float8AllGatherWeight, precompute_float8_scales_for_fsdp
+from tests.conftest import free_port
 
 WORLD = 2
 
@@ -73,15 +73,10 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_fsdp2_float8_all_gather_matches_single_device(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     # reference: the same float8 model on one device, data-parallel by hand (mean of per-batch grads)

@@ -6,7 +6,6 @@ all-gather), and the state must hold exactly what a single-process optimizer hol
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lowbit.optim import AdamW4bit, AdamW8bit, AdamWFp8
+from tests.conftest import free_port
 
 WORLD = 2
 # (shape, placement dim): aligned row shards, misaligned ones, an empty shard, a column shard, fp32 state
@@ -96,16 +96,11 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
