@@ -176,3 +176,10 @@ def test_qat_and_float8_recipes_on_two_ranks(recipe, config, extra, tmp_path, on
     meta = json.loads((list_checkpoints(tmp_path / "two")[-1] / "lowbit.json").read_text())
     if recipe == "qat_recipe":
         assert meta["qat_scheme"] == "8da4w"  # lowbit eval converts it like a 1-rank QAT checkpoint
+
+
+def test_global_batch_not_divisible_by_ranks_says_so(tmp_path):
+    proc = run_two_ranks("lowbit", "finetune_recipe", "tiny_pretrain",
+                         [*RUN, "batch_size=3", f"output_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode != 0
+    assert "'batch_size' (3, the global batch) must be divisible by the number of processes (2)" in proc.stderr
