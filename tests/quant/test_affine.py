@@ -133,6 +133,41 @@ def test_fake_quant_ste_gradient_identity_and_zero_when_clipped():
     assert x.grad[0, 0] == 0 and x.grad[0, -1] == 0
 
 
+@pytest.mark.parametrize(
+    "dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_ste_gradient_is_upstream_times_comparison_mask(dtype, compiled):
+    """Both STE nodes (eager and compiled): grad == upstream where the pre-clamp code is in range, exactly
+    0 where it is not, against a mask built with plain comparisons; int4 symmetric weights clip at +8.
+    Compiled bf16 is left out: Inductor keeps bf16 intermediates in fp32 (no rounding of ``w * (1/s)``
+    to bf16), so its codes, and not only its mask, can differ from eager by one step."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(16, 64, generator=g) * 0.02).to(dtype)
+    w[0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=dtype)  # group amax elements: +amax clips (7.5 -> 8)
+    upstream = torch.randn(16, 64, generator=g).to(dtype)
+    scale = A.symmetric_scale(w, *A.INT4, group_size=32)
+    zp = torch.zeros_like(scale, dtype=torch.int8)
+
+    def fq(w):
+        return A.fake_quantize(w, scale, zp, *A.INT4, group_size=32)
+
+    def rc(w):
+        return A.quantize(w, scale, None, *A.INT4, group_size=32, ste=True)
+
+    r = torch.round(A.group_view(w, 32) * (1.0 / scale.unsqueeze(-1))).view(w.shape)
+    in_range = (r >= -8) & (r <= 7)
+    assert not in_range.all() and in_range.any()
+    masked = torch.where(in_range, upstream, torch.zeros_like(upstream))
+    # quantize returns codes: d code / d w = 1 / scale (the chain rule through ``* (1.0 / scale)``)
+    masked_codes = (A.group_view(masked, 32) * (1.0 / scale.unsqueeze(-1))).view(w.shape)
+    for f, expected in ((fq, masked), (rc, masked_codes)):
+        f = torch.compile(f, fullgraph=True) if compiled else f
+        leaf = w.clone().requires_grad_(True)
+        f(leaf).backward(upstream)
+        assert leaf.grad.dtype == dtype
+        assert torch.equal(leaf.grad, expected)
+
+
 def test_qparams_have_no_grad():
     w = torch.randn(4, 32, requires_grad=True)
     assert not A.symmetric_scale(w, *A.INT4, group_size=8).requires_grad
