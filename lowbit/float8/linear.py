@@ -14,7 +14,7 @@ from torch import nn
 
 from lowbit.float8.config import Float8TrainingConfig
 from lowbit.float8.fsdp import Float8AllGatherWeight, Float8GatheredWeight
-from lowbit.quant.float8 import E4M3, E5M2, cast_to_float8, float8_mm
+from lowbit.quant.float8 import E4M3, cast_to_float8, float8_mm
 
 
 def _cast_weight_tensorwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,29 +37,29 @@ def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: b
     return float8_mm(x8, sx, w8, sw, x.dtype, use_fast_accum=True, emulate=emulate)
 
 
-def _grad_input_gemm(go: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool) -> torch.Tensor:
-    """grad_input (M, K) = grad_output (M, N) @ weight (N, K)."""
+def _grad_input_gemm(go: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
+    """grad_input (M, K) = grad_output (M, N) @ weight (N, K); grad_output cast to ``go_dtype``."""
     if recipe == "tensorwise":
-        go8, sgo = cast_to_float8(go, E5M2)
+        go8, sgo = cast_to_float8(go, go_dtype)
         w8, sw = _cast_weight_tensorwise(weight)
     elif recipe == "rowwise":
-        go8, sgo = cast_to_float8(go, E4M3, dim=-1, power_of_2=True)  # scale (M, 1)
+        go8, sgo = cast_to_float8(go, go_dtype, dim=-1, power_of_2=True)  # scale (M, 1)
         w8, sw = cast_to_float8(weight, E4M3, dim=0, power_of_2=True)  # scale (1, K)
     else:  # rowwise_with_gw_hp: weight tensorwise so one float8 copy serves both GEMMs
-        go8, sgo = cast_to_float8(go, E4M3, dim=-1, power_of_2=True)
+        go8, sgo = cast_to_float8(go, go_dtype, dim=-1, power_of_2=True)
         w8, sw = cast_to_float8(weight, E4M3, power_of_2=True)
     return float8_mm(go8, sgo, w8, sw, go.dtype, use_fast_accum=False, emulate=emulate)
 
 
-def _grad_weight_gemm(go: torch.Tensor, x: torch.Tensor, recipe: str, emulate: bool) -> torch.Tensor:
-    """grad_weight (N, K) = grad_output (M, N).T @ x (M, K)."""
+def _grad_weight_gemm(go: torch.Tensor, x: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
+    """grad_weight (N, K) = grad_output (M, N).T @ x (M, K); grad_output cast to ``go_dtype``."""
     if recipe == "rowwise_with_gw_hp":
         return torch.mm(go.t(), x)
     if recipe == "tensorwise":
-        go8, sgo = cast_to_float8(go, E5M2)
+        go8, sgo = cast_to_float8(go, go_dtype)
         x8, sx = cast_to_float8(x, E4M3)
         return float8_mm(go8.t(), sgo, x8, sx, go.dtype, use_fast_accum=False, emulate=emulate)
-    go8, sgo = cast_to_float8(go, E4M3, dim=0, power_of_2=True)  # per output column, scale (1, N)
+    go8, sgo = cast_to_float8(go, go_dtype, dim=0, power_of_2=True)  # per output column, scale (1, N)
     x8, sx = cast_to_float8(x, E4M3, dim=0, power_of_2=True)  # per input column, scale (1, K)
     return float8_mm(go8.t(), sgo.t(), x8, sx, go.dtype, use_fast_accum=False, emulate=emulate)
 
@@ -68,10 +68,10 @@ class _Float8LinearFn(torch.autograd.Function):
     """``input (..., K) @ weight (N, K).T -> (..., N)`` with float8 GEMMs in forward and backward."""
 
     @staticmethod
-    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool) -> torch.Tensor:
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
         x = input.reshape(-1, input.shape[-1])
         ctx.save_for_backward(x, weight)
-        ctx.recipe, ctx.emulate, ctx.input_shape = recipe, emulate, input.shape
+        ctx.recipe, ctx.emulate, ctx.go_dtype, ctx.input_shape = recipe, emulate, go_dtype, input.shape
         out = _forward_gemm(x, weight, recipe, emulate)
         return out.reshape(*input.shape[:-1], out.shape[-1])
 
@@ -81,10 +81,10 @@ class _Float8LinearFn(torch.autograd.Function):
         go = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = _grad_input_gemm(go, weight, ctx.recipe, ctx.emulate).reshape(ctx.input_shape)
+            grad_input = _grad_input_gemm(go, weight, ctx.recipe, ctx.emulate, ctx.go_dtype).reshape(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = _grad_weight_gemm(go, x, ctx.recipe, ctx.emulate)
-        return grad_input, grad_weight, None, None
+            grad_weight = _grad_weight_gemm(go, x, ctx.recipe, ctx.emulate, ctx.go_dtype)
+        return grad_input, grad_weight, None, None, None
 
 
 def check_float8_hardware(device: torch.device, emulate: bool, layer: str = "") -> None:
@@ -152,10 +152,13 @@ class Float8Linear(nn.Linear):
             input = input.to(torch.get_autocast_dtype(input.device.type))
         if input.is_cuda and not self.config.emulate and not torch.compiler.is_compiling():
             check_float8_hardware(input.device, False, self.fqn)
-        out = _Float8LinearFn.apply(input, self.weight, self.config.recipe, self.config.emulate)
+        c = self.config
+        out = _Float8LinearFn.apply(input, self.weight, c.recipe, c.emulate, c.grad_output_float8_dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.config.recipe}, emulate={self.config.emulate}"
+        c = self.config
+        go = "" if c.grad_output_dtype is None else f", grad_output_dtype={c.grad_output_dtype}"
+        return f"{super().extra_repr()}, recipe={c.recipe}, emulate={c.emulate}{go}"

@@ -62,7 +62,7 @@ class TrainingRecipe:
         "dtype": None,
         "device": None,
         "compile": None,
-        "float8": {"recipe": None, "emulate": None},
+        "float8": {"recipe": None, "emulate": None, "grad_output_dtype": None},
         "checkpoint_every": None,
         "keep_last": None,
         "resume": None,
@@ -112,7 +112,8 @@ class TrainingRecipe:
         if cfg.get("float8") and cfg.float8.get("recipe"):
             from lowbit.float8 import Float8TrainingConfig, convert_to_float8_training
 
-            f8 = Float8TrainingConfig.from_recipe(cfg.float8.recipe, emulate=bool(cfg.float8.get("emulate", False)))
+            f8 = Float8TrainingConfig.from_recipe(cfg.float8.recipe, emulate=bool(cfg.float8.get("emulate", False)),
+                                                  grad_output_dtype=cfg.float8.get("grad_output_dtype"))
             model = convert_to_float8_training(model, config=f8)
         if rt.distributed:
             model = shard_model(model, rt)

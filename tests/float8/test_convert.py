@@ -129,6 +129,11 @@ def test_emulate_must_be_bool():
         Float8TrainingConfig.from_recipe("tensorwise", emulate="yes")
 
 
+def test_unknown_grad_output_dtype_is_named():
+    with pytest.raises(ValueError, match=r"grad_output_dtype.*'e4m3', 'e5m2'.*'fp8'"):
+        Float8TrainingConfig.from_recipe("rowwise", grad_output_dtype="fp8")
+
+
 def test_fsdp_all_gather_needs_tensorwise():
     with pytest.raises(ValueError, match="enable_fsdp_float8_all_gather.*rowwise"):
         Float8TrainingConfig.from_recipe("rowwise", enable_fsdp_float8_all_gather=True)

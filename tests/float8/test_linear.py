@@ -75,6 +75,38 @@ def test_bit_equal_to_torchao(recipe, dtype, emulate):
         assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe, go", [("rowwise", "e5m2"), ("rowwise_with_gw_hp", "e5m2"), ("tensorwise", "e4m3")])
+def test_grad_output_dtype_override_bit_equal_to_torchao(recipe, go, dtype):
+    """``grad_output_dtype`` is torchao's ``CastConfig(target_dtype=...)`` on both grad_output casts."""
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8 import convert_to_float8_training as ao_convert
+
+    ours = _mlp(dtype)
+    theirs = copy.deepcopy(ours)
+    convert_to_float8_training(ours, config=Float8TrainingConfig.from_recipe(recipe, grad_output_dtype=go))
+    ao = Float8LinearConfig.from_recipe_name(recipe)
+    target = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[go]
+    go_gw = ao.cast_config_grad_output_for_grad_weight
+    ao = dataclasses.replace(
+        ao,
+        cast_config_grad_output=dataclasses.replace(ao.cast_config_grad_output, target_dtype=target),
+        cast_config_grad_output_for_grad_weight=None if go_gw is None else dataclasses.replace(go_gw, target_dtype=target),
+    )
+    ao_convert(theirs, config=ao)
+    torch.manual_seed(1)
+    x = (torch.randn(3, 16, 64) * 3).to(dtype)
+    g = (torch.randn(3, 16, 32) * torch.logspace(-12, 0, 32)).to(dtype)  # a wide dynamic range per row
+    default = _mlp(dtype)
+    convert_to_float8_training(default, config=Float8TrainingConfig.from_recipe(recipe))
+    ours_out = _fwd_bwd(ours, x, g)
+    for a, b, name in zip(ours_out, _fwd_bwd(theirs, x, g), ["out", "dx", "dw0", "db0", "dw2"]):
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
+    # and the override does change the backward (dx differs from the recipe's default grad_output dtype)
+    assert not torch.equal(ours_out[1], _fwd_bwd(default, x, g)[1])
+
+
 @pytest.mark.parametrize(
     "recipe, dtype", [("tensorwise", torch.bfloat16), ("rowwise", torch.float32), ("rowwise_with_gw_hp", torch.bfloat16)]
 )

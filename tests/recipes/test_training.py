@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
 from lowbit.recipes.cli import run_recipe
@@ -86,3 +87,15 @@ def test_tune_run_and_lowbit_run_entry_points(tmp_path, small_run):
         subprocess.run([*cmd, *args, "max_steps=2", f"output_dir={out}"], check=True, capture_output=True,
                        cwd=__file__.rsplit("/tests/", 1)[0])
         assert list_checkpoints(out)[-1].name == "step_000002"
+
+
+def test_float8_grad_output_dtype_from_config(tmp_path, small_run):
+    """``float8.grad_output_dtype`` reaches every Float8Linear; a bad value fails naming the option."""
+    from lowbit.float8 import Float8Linear
+
+    base = [*small_run, "max_steps=1", "checkpoint_every=0", "float8.recipe=rowwise"]
+    run = run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.grad_output_dtype=e5m2"])
+    layers = [m for m in run.model.modules() if isinstance(m, Float8Linear)]
+    assert layers and all(m.config.grad_output_float8_dtype == torch.float8_e5m2 for m in layers)
+    with pytest.raises(ValueError, match="grad_output_dtype"):
+        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.grad_output_dtype=e3m4"])
