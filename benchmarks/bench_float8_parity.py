@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_float8_parity.py [--steps 800] [--recipes tensorwise,rowwise]
 
+A recipe may carry a grad_output dtype: ``--recipes rowwise,rowwise:e5m2``.
+
 ``tiny_pretrain`` (the demo's base run) with and without ``float8.recipe=...`` (``torch._scaled_mm`` on
 CPU), same seed and batches; prints the mean loss over the last 1 / 10 / 50 / 100 steps and the
 difference to the run without float8 (paired: both runs see the same batches).
@@ -23,7 +25,10 @@ def main() -> None:
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["none", *a.recipes.split(",")]:
-            extra = [] if name == "none" else [f"float8.recipe={name}", "float8.emulate=false"]
+            recipe, _, go = name.partition(":")  # "rowwise:e5m2" = rowwise with grad_output in e5m2
+            extra = [] if name == "none" else [f"float8.recipe={recipe}", "float8.emulate=false"]
+            if go:
+                extra.append(f"float8.grad_output_dtype={go}")
             run = run_recipe("finetune_recipe", "tiny_pretrain", [
                 f"max_steps={a.steps}", "checkpoint_every=0", "progress_bar=false", f"output_dir={Path(tmp) / name}",
                 *extra])
