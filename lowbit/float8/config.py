@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.quant.float8 import E4M3, E5M2
+
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-FLOAT8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FLOAT8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 
 
 @dataclass(frozen=True)
@@ -85,5 +87,6 @@ class Float8TrainingConfig:
 
     @property
     def rowwise(self) -> bool:
-        """True for the rowwise recipes (per-row/column scales, power-of-two scales, e4m3 everywhere)."""
+        """True for the rowwise recipes (per-row/column scales, power-of-two scales; e4m3 everywhere unless
+        ``grad_output_dtype`` says otherwise)."""
         return self.recipe != "tensorwise"
