@@ -163,9 +163,9 @@ def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: li
         cm = cv = (None, None, None)
     else:
         m = [s["exp_avg_codes"] for s in states]
-        v = [s["exp_avg_sq_codes"] for s in states]
+        v = [s[f"{fmt.v_key}_codes"] for s in states]
         ms = _ptrs([s["exp_avg_scale"] for s in states])
-        vs = _ptrs([s["exp_avg_sq_scale"] for s in states])
+        vs = _ptrs([s[f"{fmt.v_key}_scale"] for s in states])
         mode = fmt.mode
         cm, cv = _codec(fmt.m_codebook), _codec(fmt.v_codebook)
     hyper = hyper.contiguous()

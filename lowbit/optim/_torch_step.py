@@ -64,6 +64,11 @@ def fp32_to_bf16(x: Tensor, stochastic: bool = False, seed: int = 0) -> Tensor:
     return out.to(torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded fp32 square root (torch.sqrt on fp32 CPU is not always; via float64 it is)."""
+    return torch.sqrt(x.double()).float()
+
+
 def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, maximize: bool, coupled: bool):
     """The fp32 update, one op at a time (no fused multiply-add). ``h``: fp32 ``[9]`` hyper row.
 
@@ -77,8 +82,7 @@ def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, maximize: b
     m = b1 * m + omb1 * g
     v = b2 * v + omb2 * (g * g)
     p = p * decay
-    # torch.sqrt on fp32 CPU is not always correctly rounded; via float64 it is (exactly)
-    denom = torch.sqrt(v.double()).float() * inv_bc2_sqrt + eps
+    denom = _sqrt(v) * inv_bc2_sqrt + eps
     # no update where v == 0: exact AdamW has m == 0 there too; quantized states can flush a tiny v to 0
     # while m survives, and m / eps would blow up (e.g. embedding rows absent from the batch)
     u = torch.where(v == 0, 0.0, m / denom)
@@ -97,12 +101,15 @@ def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block
         m, v = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
     elif fmt.name == "fp8":
         m = blockwise.dequantize_fp8_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], block_size, n)
-        v = blockwise.dequantize_fp8_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"], block_size, n)
+        v = blockwise.dequantize_fp8_blockwise(state[f"{fmt.v_key}_codes"], state[f"{fmt.v_key}_scale"],
+                                               block_size, n)
     else:
         m = blockwise.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], fmt.m_codebook,
                                            block_size, n)
         v = blockwise.dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"],
                                            fmt.v_codebook, block_size, n)
+    if fmt is not None and fmt.v_sqrt:
+        v = v * v
     p32, m, v = adam_math(p32, g32, m, v, h, maximize, coupled)
 
     if p.dtype == torch.bfloat16:
@@ -114,7 +121,9 @@ def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block
         state["exp_avg"].view(-1).copy_(m)
         state["exp_avg_sq"].view(-1).copy_(v)
         return
-    for key, x, book in (("exp_avg", m, fmt.m_codebook), ("exp_avg_sq", v, fmt.v_codebook)):
+    if fmt.v_sqrt:
+        v = _sqrt(v)
+    for key, x, book in (("exp_avg", m, fmt.m_codebook), (fmt.v_key, v, fmt.v_codebook)):
         if fmt.name == "fp8":
             codes, scale = blockwise.quantize_fp8_blockwise(x, block_size)
         else:

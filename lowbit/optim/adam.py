@@ -7,8 +7,8 @@ elements keep fp32 state) and ``bf16_stochastic_round``.
 
 Zero second moment: where the updated ``v`` is exactly 0 the element gets no Adam step (weight decay
 still applies). With exact states ``v == 0`` implies ``m == 0``, so this is AdamW's step; with quantized
-states a tiny ``v`` can round to 0 while ``m`` does not (fp8 flushes ``v < absmax * 2**-10 / 448``),
-and ``m / eps`` would throw the parameter away (e.g. embedding rows of tokens absent from the batch).
+states a tiny ``v`` can round to 0 while ``m`` does not (the 8-bit map flushes ``v`` below ~1.6e-7 of its
+block's absmax), and ``m / eps`` would throw the parameter away (e.g. embedding rows of tokens absent from the batch).
 
 Non-finite gradients: blocks are independent, so a NaN/inf gradient element never touches the
 state of other blocks or other parameters. Inside its block the non-finite moment is stored as

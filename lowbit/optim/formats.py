@@ -5,9 +5,15 @@ Per parameter the state is a dict of plain tensors (loads with ``torch.load(weig
 - always ``step``: fp32 0-dim tensor on CPU (as in ``torch.optim.AdamW``);
 - tensors with ``numel >= min_quant_size`` (quantized):
   ``exp_avg_codes`` / ``exp_avg_sq_codes`` (flat; uint8 ``[n]`` for 8-bit, uint8 ``[ceil(n/2)]``
-  packed for 4-bit, float8_e4m3fn ``[n]`` for fp8) and ``exp_avg_scale`` / ``exp_avg_sq_scale``
-  (fp32 ``[ceil(n / block_size)]``);
+  packed for 4-bit) and ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32 ``[ceil(n / block_size)]``);
+  fp8 stores the second moment as its square root, under ``exp_avg_sqrt_codes`` /
+  ``exp_avg_sqrt_scale`` (float8_e4m3fn ``[n]`` codes);
 - smaller tensors: ``exp_avg`` / ``exp_avg_sq``, fp32 with the parameter's shape.
+
+Why fp8 keeps ``sqrt(v)``: with absmax/448 per block, e4m3 flushes values below ``absmax * 2**-10 /
+448`` to 0 and keeps only a few bits just above that. ``v`` spans the square of the gradients' range, so
+stored directly, the small second moments of a block are lost (and their elements take steps of ``m /
+eps``). ``sqrt(v)`` spans the gradients' own range, and it is what the update divides by.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ class StateFormat:
     m_codebook: str | None
     v_codebook: str | None
     default_block_size: int
+    v_sqrt: bool = False  # the second moment is stored as sqrt(v)
+
+    @property
+    def v_key(self) -> str:
+        """State-key prefix of the stored second moment (``exp_avg_sqrt`` when it is ``sqrt(v)``)."""
+        return "exp_avg_sqrt" if self.v_sqrt else "exp_avg_sq"
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -41,10 +53,9 @@ class StateFormat:
 FORMATS = {
     "8bit": StateFormat("8bit", 1, "dynamic8_signed", "dynamic8_unsigned", 256),
     "4bit": StateFormat("4bit", 2, "dynamic4_signed", "linear4_unsigned", 128),
-    "fp8": StateFormat("fp8", 3, None, None, 256),
+    "fp8": StateFormat("fp8", 3, None, None, 256, v_sqrt=True),
 }
 FP32_MODE = 0
-QUANT_KEYS = ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale")
 FP32_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -68,7 +79,7 @@ def init_state(p: Tensor, fmt: StateFormat, block_size: int, min_quant_size: int
         return state
     n = p.numel()
     nb = blockwise.num_blocks(n, block_size)
-    for key, book in (("exp_avg", fmt.m_codebook), ("exp_avg_sq", fmt.v_codebook)):
+    for key, book in (("exp_avg", fmt.m_codebook), (fmt.v_key, fmt.v_codebook)):
         z = _zero_code(book)
         if fmt.name == "4bit":
             z = z | (z << 4)
@@ -85,7 +96,7 @@ def expected_layout(p: Tensor, fmt: StateFormat, block_size: int, min_quant_size
     n = p.numel()
     nb = blockwise.num_blocks(n, block_size)
     out = {}
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg", fmt.v_key):
         out[f"{key}_codes"] = (fmt.code_dtype, (fmt.code_numel(n),))
         out[f"{key}_scale"] = (torch.float32, (nb,))
     return out

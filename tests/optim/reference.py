@@ -3,7 +3,8 @@
 Written independently of lowbit.optim's implementation: numpy fp32 arithmetic (IEEE, correctly
 rounded, no fused multiply-add), a Python loop over blocks, nearest codes by brute force over the
 whole codebook (exact rational comparison for near-ties, ties to the larger value), fp8 by
-torch's own e4m3 cast, the stochastic-rounding hash in Python integers.
+torch's own e4m3 cast (fp8 stores the second moment as sqrt(v), under ``exp_avg_sqrt_*``), the
+stochastic-rounding hash in Python integers.
 """
 
 from __future__ import annotations
@@ -115,12 +116,15 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
     P = p.detach().cpu().float().reshape(-1).numpy().copy()
     G = g.detach().cpu().float().reshape(-1).numpy().copy()
     quant = "exp_avg_codes" in state
+    vkey = "exp_avg_sqrt" if fmt == "fp8" else "exp_avg_sq"
     if quant:
         mb, vb, bits = BOOKS[fmt]
         qm = None if mb is None else books[mb]
         qv = None if vb is None else books[vb]
         M = _decode(state["exp_avg_codes"], state["exp_avg_scale"].cpu().numpy(), qm, bits, n, block_size)
-        V = _decode(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"].cpu().numpy(), qv, bits, n, block_size)
+        V = _decode(state[f"{vkey}_codes"], state[f"{vkey}_scale"].cpu().numpy(), qv, bits, n, block_size)
+        if fmt == "fp8":  # stored: sqrt(v)
+            V = V * V
     else:
         M = state["exp_avg"].cpu().reshape(-1).numpy().copy()
         V = state["exp_avg_sq"].cpu().reshape(-1).numpy().copy()
@@ -140,7 +144,8 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
     if quant:
         with np.errstate(all="ignore"):
             new_state["exp_avg_codes"], new_state["exp_avg_scale"] = _encode(M, qm, bits, block_size)
-            new_state["exp_avg_sq_codes"], new_state["exp_avg_sq_scale"] = _encode(V, qv, bits, block_size)
+            stored = np.sqrt(V) if fmt == "fp8" else V
+            new_state[f"{vkey}_codes"], new_state[f"{vkey}_scale"] = _encode(stored, qv, bits, block_size)
     else:
         new_state["exp_avg"] = torch.from_numpy(M).view(p.shape)
         new_state["exp_avg_sq"] = torch.from_numpy(V).view(p.shape)

@@ -55,7 +55,7 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
             p.grad = g
         opt.step()
         if ref_s is None:  # fresh state as the optimizer created it (all-zero moments)
-            ref_s = [{k: torch.zeros_like(v) if k != "exp_avg_codes" and k != "exp_avg_sq_codes" else v.clone()
+            ref_s = [{k: v.clone() if k.endswith("_codes") else torch.zeros_like(v)
                       for k, v in opt.state[p].items()} for p in params]
             for s in ref_s:
                 s["step"] = torch.tensor(0.0)
@@ -83,8 +83,8 @@ def _reset_codes(states, fmt):
         if "exp_avg_codes" in s:
             s["exp_avg_codes"] = torch.full_like(s["exp_avg_codes"].view(torch.uint8), zero[0]).view(
                 s["exp_avg_codes"].dtype)
-            s["exp_avg_sq_codes"] = torch.full_like(s["exp_avg_sq_codes"].view(torch.uint8), zero[1]).view(
-                s["exp_avg_sq_codes"].dtype)
+            vkey = "exp_avg_sqrt_codes" if fmt == "fp8" else "exp_avg_sq_codes"
+            s[vkey] = torch.full_like(s[vkey].view(torch.uint8), zero[1]).view(s[vkey].dtype)
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])

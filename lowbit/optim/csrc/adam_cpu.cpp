@@ -16,6 +16,9 @@
 // then per block: amax = max |x| over finite x, scale = max(amax, 1e-30) (/ 448 for fp8),
 // code = nearest(x * (1 / scale)) with non-finite x stored as the code of 0.
 //
+// fp8 stores the second moment as r = sqrt(v): decode gives r, v = r * r, and the stored value is
+// sqrt(v_new), which is also the sqrt of the update (computed once, in stage A of the pipeline).
+//
 // Encode (AVX2): no table gather. 4-bit maps: code = #{c : x >= T[c]} over the 15 midpoint
 // thresholds, counted in two levels of compares (the second with lane permutes; exact by construction). 8-bit dynamic maps: the positive
 // values form <= 7 decades, each a near-linear grid, so code = floor(|x| * S[r] + B[r]) with the
@@ -564,6 +567,7 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   alignas(32) float mb[MAX_BLOCK];
   alignas(32) float vb[MAX_BLOCK];
   const bool four = A.mode == Q4;
+  const bool v_sqrt = A.mode == FP8;
   const float sm = *ms, sv = *vs;
   const float* qm = A.cm->qmap;
   const float* qv = A.cv->qmap;
@@ -588,8 +592,10 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
       }
       mm = _mm256_mul_ps(mm, vsm);
       vv = _mm256_mul_ps(vv, vsv);
+      if (v_sqrt) vv = _mm256_mul_ps(vv, vv);
       __m256 pp = adam_vec(load_p_vec<P>(p + i), load_p_vec<P>(g + i), mm, vv, H, h);
       store_p_vec<P>(p + i, pp, (uint32_t)(base + i), h);
+      if (v_sqrt) vv = _mm256_sqrt_ps(vv);
       // non-finite moments are stored as 0 and stay out of the absmax
       mm = zero_non_finite(mm);
       vv = zero_non_finite(vv);
@@ -605,8 +611,10 @@ void quant_block(P* p, const P* g, uint8_t* mc, float* ms, uint8_t* vc, float* v
   for (; i < n; ++i) {
     float mm = decode_scalar(mc, i, qm, four) * sm;
     float vv = decode_scalar(vc, i, qv, four) * sv;
+    if (v_sqrt) vv = vv * vv;
     float pp = adam_scalar(load_p<P>(p, i), load_p<P>(g, i), mm, vv, h);
     store_p<P>(p, i, pp, (uint32_t)(base + i), h);
+    if (v_sqrt) vv = std::sqrt(vv);
     mb[i] = std::isfinite(mm) ? mm : 0.0f;  // non-finite moments: stored as 0, out of the absmax
     vb[i] = std::isfinite(vv) ? vv : 0.0f;
     am = std::max(am, std::fabs(mb[i]));
@@ -717,12 +725,14 @@ struct Pipe {
     }
     mm = _mm256_mul_ps(mm, st.sm);
     vv = _mm256_mul_ps(vv, st.sv);
+    if (A.mode == FP8) vv = _mm256_mul_ps(vv, vv);  // stored: sqrt(v)
     const int64_t e = b * bs + i;
     __m256 gg = load_p_vec<P>(g + e);
     if (h.maximize) gg = _mm256_xor_ps(gg, _mm256_set1_ps(-0.0f));
     if (h.coupled) gg = _mm256_add_ps(gg, _mm256_mul_ps(H.wd, load_p_vec<P>(p + e)));
     mm = _mm256_add_ps(_mm256_mul_ps(H.b1, mm), _mm256_mul_ps(H.omb1, gg));
     vv = _mm256_add_ps(_mm256_mul_ps(H.b2, vv), _mm256_mul_ps(H.omb2, _mm256_mul_ps(gg, gg)));
+    if (A.mode == FP8) vv = _mm256_sqrt_ps(vv);  // the buffer holds sqrt(v) (B and C use it as is)
     _mm256_store_ps(bm + i, mm);
     _mm256_store_ps(bv + i, vv);
     const __m256 sgn = _mm256_set1_ps(-0.0f);
@@ -734,7 +744,8 @@ struct Pipe {
     const int64_t e = b * bs + i;
     __m256 pp = _mm256_mul_ps(load_p_vec<P>(p + e), H.decay);
     __m256 m = _mm256_load_ps(bm + i), v = _mm256_load_ps(bv + i);
-    __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), H.ibc), H.eps);
+    __m256 r = A.mode == FP8 ? v : _mm256_sqrt_ps(v);  // (v >= 0 or NaN: sqrt(v) == 0 iff v == 0)
+    __m256 denom = _mm256_add_ps(_mm256_mul_ps(r, H.ibc), H.eps);
     __m256 u = _mm256_and_ps(_mm256_div_ps(m, denom), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ));
     store_p_vec<P>(p + e, _mm256_sub_ps(pp, _mm256_mul_ps(H.ss, u)), (uint32_t)e, h);
   }
