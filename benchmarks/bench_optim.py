@@ -9,7 +9,10 @@ all peers see the same machine load; the figure is the median per optimizer.
 Quality (the demo's optimizer arm: tiny-model pretraining with fp32 AdamW, AdamW8bit, AdamWFp8,
 AdamW4bit; same steps, data, seed; final loss = mean of the last 20 training losses):
 
-    .venv/bin/python benchmarks/bench_optim.py --quality [--workdir DIR] [key=value ...]
+    .venv/bin/python benchmarks/bench_optim.py --quality [--workdir DIR] [--optimizers adamw,adamwfp8] [key=value ...]
+
+(``--optimizers``: a subset, by lower-cased name; runs are seeded, so subsets run as separate processes
+give the same losses as one process running all of them, and "vs" compares with the first one listed.)
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def first_step():
         print("\n" + (out.stdout.strip() or out.stderr.strip()[-2000:]))
 
 
-def quality(workdir, overrides):
+def quality(workdir, overrides, only=None):
     from pathlib import Path
 
     from lowbit.data.synthetic import generate_hellaswag, write_jsonl
@@ -151,6 +154,12 @@ def quality(workdir, overrides):
     eval_file = write_jsonl(generate_hellaswag(num_items=500, seed=0), workdir / "eval.jsonl")
     opts = dict(OPTIMIZERS)
     opts["AdamWFp8"] = "lowbit.optim.AdamWFp8"
+    if only:
+        by_key = {name.split(" ")[0].lower(): name for name in opts}
+        unknown = [k for k in only if k not in by_key]
+        if unknown:
+            raise SystemExit(f"--optimizers: unknown {unknown}; choose from {sorted(by_key)}")
+        opts = {by_key[k]: opts[by_key[k]] for k in only}
     t0 = time.perf_counter()
     out = run_optim_arm(workdir, eval_file, ["progress_bar=false", *overrides], optimizers=opts)
     print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, threads={torch.get_num_threads()}, "
@@ -168,11 +177,12 @@ def main():
     ap.add_argument("--no-external", action="store_true", help="skip the torchao / bitsandbytes peers")
     ap.add_argument("--quality", action="store_true", help="run the tiny-model pretraining comparison")
     ap.add_argument("--workdir", default="lowbit_runs/bench_optim_quality")
+    ap.add_argument("--optimizers", default=None, help="quality: comma-separated subset, e.g. adamw,adamwfp8")
     args, overrides = ap.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quality:
-        quality(args.workdir, overrides)
+        quality(args.workdir, overrides, args.optimizers.split(",") if args.optimizers else None)
         return
     if not args.no_first_step:
         first_step()
