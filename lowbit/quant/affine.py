@@ -199,10 +199,14 @@ def quantize(
         integer-valued tensor ``[..., K]`` in the promoted float dtype of ``x`` and ``scale``
         (cast with ``.to(torch.int8)`` for storage).
     """
-    xg = group_view(x, group_size)
+    u, zp = _to_grid(x, scale, zero_point, group_size)
+    return round_clamp(u, zp, qmin, qmax, ste=ste).view(x.shape)
+
+
+def _to_grid(x, scale, zero_point, group_size):
+    """``(x * (1.0 / scale), zero_point)`` in the grouped view ``[..., K // g, g]`` (the qparams expanded)."""
     zp = None if zero_point is None else _expand(zero_point)
-    q = round_clamp(xg * (1.0 / _expand(scale)), zp, qmin, qmax, ste=ste)
-    return q.view(x.shape)
+    return group_view(x, group_size) * (1.0 / _expand(scale)), zp
 
 
 def dequantize(
@@ -249,8 +253,7 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, group_size):
-        zp = None if zero_point is None else _expand(zero_point)
-        r = _round_add(group_view(x, group_size) * (1.0 / _expand(scale)), zp)
+        r = _round_add(*_to_grid(x, scale, zero_point, group_size))
         q = torch.clamp(r, qmin, qmax)
         ctx.save_for_backward(_in_range_mask(r, q).view(x.shape))
         return dequantize(q.view(x.shape), scale, zero_point, group_size=group_size, dtype=x.dtype)
