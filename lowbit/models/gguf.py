@@ -192,8 +192,11 @@ def write_tokenizer(reader, path: Path, out_dir: Path) -> Path:
     tokens = list(_require(reader, path, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in _require(reader, path, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               ignore_merges=pre == "llama-bpe"))
+    try:
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   ignore_merges=pre == "llama-bpe"))
+    except Exception as e:
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens / merges do not form a BPE tokenizer: {e}") from None
     digits, pattern = _PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.Split(Regex(pattern), behavior="isolated")]
     if digits:
