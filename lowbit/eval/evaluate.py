@@ -10,20 +10,60 @@ from pathlib import Path
 import torch
 
 from lowbit.eval.lm_eval_adapter import LowbitLM
-from lowbit.eval.tasks import local_task_dir
+from lowbit.eval.tasks import PERPLEXITY_TASK, cloze_file, local_task_dir, perplexity_task_dir, text_file
 from lowbit.models.checkpoint import load_checkpoint
 
 AUTO = "auto"
 
 
-def default_task_file() -> Path:
-    """The generated hellaswag-format set (500 items, world seed 0), written once to a temp dir."""
+def default_task_file(meta: dict | None = None) -> Path:
+    """The hellaswag-format items a checkpoint is scored on by default: the generated set (500 items,
+    world seed 0) for a model trained on lowbit's generated corpus, else 300 cloze items built from
+    Python's documentation (real English, held out from the training text)."""
     from lowbit.data import generate_hellaswag, write_jsonl
 
+    source = ((meta or {}).get("config") or {}).get("data", {}).get("source")
+    if source != "generated":
+        return cloze_file("python-docs")
     path = Path(tempfile.gettempdir()) / "lowbit" / "hellaswag_local_seed0_500.jsonl"
     if not path.exists():
         write_jsonl(generate_hellaswag(500, seed=0), path)
     return path
+
+
+def task_manager(tasks: list[str], task_file: str | Path | None, text: str | Path | None, meta: dict | None):
+    """An lm-eval ``TaskManager`` that knows ``tasks``: the local ones (``hellaswag_local`` over
+    ``task_file``, a jsonl or a text source name; ``perplexity_local`` over ``text``, a jsonl of
+    documents or a text source name) and any task of the user's lm-eval install (offline)."""
+    from lm_eval.tasks import TaskManager
+
+    include = []
+    if "hellaswag_local" in tasks:
+        if task_file is None:
+            task_file = default_task_file(meta)
+        elif not str(task_file).endswith(".jsonl"):
+            task_file = cloze_file(task_file)
+        include.append(str(local_task_dir(task_file)))
+    elif task_file:
+        raise ValueError("--task-file goes with --tasks hellaswag_local")
+    if PERPLEXITY_TASK in tasks:
+        path = text_file(text or "python-docs") if text is None or not str(text).endswith(".jsonl") else text
+        include.append(str(perplexity_task_dir(path)))
+    elif text:
+        raise ValueError(f"--text goes with --tasks {PERPLEXITY_TASK}")
+    others = [t for t in tasks if t not in ("hellaswag_local", PERPLEXITY_TASK)]
+    if others:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manager = TaskManager(include_path=include or None)
+    unknown = [t for t in others if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; close matches: {hints}; local tasks: "
+                         f"['hellaswag_local', '{PERPLEXITY_TASK}']")
+    return manager
 
 
 def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, compile: bool = False,
@@ -58,7 +98,8 @@ def evaluate(
     checkpoint: str | Path | None = None,
     *,
     task_file: str | Path | None = None,
-    tasks: str = "hellaswag_local",
+    tasks: str | list[str] = "hellaswag_local",
+    text: str | Path | None = None,
     limit: int | None = None,
     scheme: str | None = AUTO,
     compile: bool = False,
@@ -69,17 +110,19 @@ def evaluate(
     output_dir: str | Path | None = None,
     group_size: int | None = None,
     dtype: torch.dtype | None = None,
+    kl_reference: str | Path | None = None,
+    kl_windows: int = 32,
+    kl_window: int = 512,
 ) -> dict:
     """Run lm-eval on a checkpoint dir / run dir / HF dir, or on ``model`` + ``tokenizer``.
 
-    ``tasks``: ``hellaswag_local`` (``task_file``, default the generated set) or ``hellaswag`` (lm-eval's
-    own task from the local HF datasets cache, offline). Returns lm-eval's results dict, with
+    ``tasks`` (a list or comma-separated): ``hellaswag_local`` (``task_file``: a hellaswag-format jsonl,
+    or a text source such as ``python-docs`` to build cloze items from; default :func:`default_task_file`),
+    ``perplexity_local`` (``text``: a jsonl of documents or a text source; default Python's documentation),
+    or any lm-eval task in the local HF datasets cache (offline). Returns lm-eval's results dict, with
     ``results["lowbit"] = {"scheme", "compiled", "checkpoint"}``; writes ``results.json`` to
     ``output_dir`` if given. ``group_size`` / ``dtype``: see :func:`prepare_for_inference`.
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     meta = None
     if model is None:
         if checkpoint is None:
@@ -90,39 +133,66 @@ def evaluate(
     model, scheme_used = prepare_for_inference(model.eval(), meta, scheme, compile, group_size=group_size,
                                                dtype=dtype)
 
-    if tasks == "hellaswag_local":
-        task_file = Path(task_file) if task_file else default_task_file()
-        manager = TaskManager(include_path=str(local_task_dir(task_file)))
-    elif tasks == "hellaswag":
-        if task_file:
-            raise ValueError("--task-file goes with --tasks hellaswag_local")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        manager = TaskManager()
-    else:
-        raise ValueError(f"unknown task {tasks!r}; expected 'hellaswag_local' or 'hellaswag'")
-
-    lm = LowbitLM(model, tokenizer, batch_size=batch_size)
-    try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=[tasks], task_manager=manager, limit=limit, log_samples=log_samples,
-            num_fewshot=0, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-        )
-    except (ConnectionError, OSError) as e:
-        if tasks == "hellaswag":
-            raise FileNotFoundError(
-                "the hellaswag dataset is not in the local HF datasets cache and lowbit never downloads: "
-                "cache it once on a connected machine (datasets.load_dataset('Rowan/hellaswag')) or use "
-                f"--tasks hellaswag_local --task-file FILE.jsonl ({e})"
-            ) from e
-        raise
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    tasks = [t for t in tasks if t != "none"]
+    results = {"results": {}}
+    if kl_reference is not None:
+        results["kl"] = divergence_from(model, tokenizer, kl_reference, text, kl_windows, kl_window)
+    if tasks:
+        results = {**run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples, batch_size),
+                   **({"kl": results["kl"]} if "kl" in results else {})}
     results["lowbit"] = {"scheme": scheme_used, "compiled": compile,
                          "checkpoint": str(meta["path"]) if meta else None}
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        keep = {k: results[k] for k in ("results", "versions", "n-shot", "config", "lowbit") if k in results}
+        keep = {k: results[k] for k in ("results", "versions", "n-shot", "config", "lowbit", "kl") if k in results}
         (out / "results.json").write_text(json.dumps(keep, indent=1, default=str))
+    return results
+
+
+def divergence_from(model, tokenizer, reference, text, windows: int, window: int) -> dict:
+    """KL divergence / top-1 agreement of ``model`` from the checkpoint ``reference`` on ``text``."""
+    from lowbit.eval.divergence import compare_to_reference, token_windows
+    from lowbit.eval.tasks import documents
+    from lowbit.models.tokenizer import vocab_size_of
+
+    ref_model, ref_tok, _ = load_checkpoint(reference)
+    if vocab_size_of(ref_tok) != vocab_size_of(tokenizer):
+        raise ValueError(f"--kl-reference {reference}: its tokenizer has {vocab_size_of(ref_tok)} tokens, the "
+                         f"evaluated model's {vocab_size_of(tokenizer)}; KL needs the same vocabulary")
+    source = text or "python-docs"
+    if str(source).endswith(".jsonl"):
+        from lowbit.data.loaders import read_jsonl
+
+        docs = [r["text"] for r in read_jsonl(source, required=("text",))]
+    else:
+        docs = documents(source)
+    x = token_windows(tokenizer, docs, window, windows)
+    stats = compare_to_reference(model, ref_model.eval(), x)
+    return {**stats, "reference": str(reference), "text": str(source), "window": window}
+
+
+def run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples, batch_size) -> dict:
+    """lm-eval's ``simple_evaluate`` over ``tasks`` with :class:`LowbitLM`, deterministic, zero-shot."""
+    import lm_eval
+
+    manager = task_manager(tasks, task_file, text, meta)
+    lm = LowbitLM(model, tokenizer, batch_size=batch_size)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples,
+            num_fewshot=0, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        )
+    except (ConnectionError, OSError) as e:
+        remote = [t for t in tasks if t not in ("hellaswag_local", PERPLEXITY_TASK)]
+        if remote:
+            raise FileNotFoundError(
+                f"the data of {remote} is not in the local HF datasets cache and lowbit never downloads: "
+                "cache it once on a connected machine (e.g. datasets.load_dataset('Rowan/hellaswag')) or use "
+                f"--tasks hellaswag_local --task-file FILE.jsonl ({e})"
+            ) from e
+        raise
     return results
 
 

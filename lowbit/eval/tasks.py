@@ -1,12 +1,16 @@
-"""lm-eval tasks: lm-eval's own hellaswag config, pointed at a local hellaswag-format jsonl file.
+"""lm-eval tasks over local files.
 
 ``hellaswag_local`` *includes* lm-eval's ``hellaswag.yaml`` (same ``process_docs``, prompt, ``acc`` and
-``acc_norm``) and only swaps the dataset for a local jsonl file. ``hellaswag`` is lm-eval's task
-unchanged, read from the user's local HF datasets cache (offline).
+``acc_norm``) and only swaps the dataset for a local jsonl file. ``perplexity_local`` is a
+``loglikelihood_rolling`` task over a local jsonl of documents (``text`` field) reporting word and byte
+perplexity and bits per byte, as lm-eval's wikitext task does. Any other task name is lm-eval's own,
+read from the user's local HF datasets cache (offline).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -60,3 +64,78 @@ def local_task_dir(task_file: str | Path, name: str = "hellaswag_local") -> Path
         "validation_split: validation\n"
     )
     return d
+
+
+PERPLEXITY_TASK = "perplexity_local"
+CLOZE_SIZE = 300
+
+
+def perplexity_task_dir(text_file: str | Path, name: str = PERPLEXITY_TASK) -> Path:
+    """A directory with one ``loglikelihood_rolling`` task YAML over ``text_file`` (jsonl, ``text`` field)."""
+    text_file = Path(text_file).resolve()
+    rows = read_jsonl(text_file, required=("text",))
+    if not rows:
+        raise ValueError(f"{text_file}: no documents")
+    d = Path(tempfile.mkdtemp(prefix="lowbit-tasks-"))
+    (d / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {text_file}\n"
+        "output_type: loglikelihood_rolling\n"
+        "test_split: test\n"
+        'doc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\n'
+        "metric_list:\n"
+        "  - metric: word_perplexity\n"
+        "  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n"
+    )
+    return d
+
+
+def _cached(name: str, build) -> Path:
+    """``build()``'s jsonl rows written once under the temp dir, keyed by their content."""
+    rows = build()
+    key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / "lowbit" / f"{name}-{key}.jsonl"
+    if not path.exists():
+        from lowbit.data import write_jsonl
+
+        write_jsonl(rows, path)
+    return path
+
+
+def documents(source: str | Path, max_chars: int = 4000) -> list[str]:
+    """Documents of about ``max_chars`` (consecutive paragraphs joined) from a text source."""
+    from lowbit.data.real_text import load_source
+
+    docs, current = [], []
+    for p in load_source(source):
+        current.append(p)
+        if sum(len(c) for c in current) >= max_chars:
+            docs.append("\n\n".join(current))
+            current = []
+    if current:
+        docs.append("\n\n".join(current))
+    return docs
+
+
+def text_file(source: str | Path = "python-docs", max_docs: int | None = None) -> Path:
+    """A perplexity jsonl (``text`` per line): the documents of ``source``, the first ``max_docs``."""
+    return _cached(f"text-{Path(str(source)).name}-{max_docs}",
+                   lambda: [{"text": t} for t in documents(source)[:max_docs]])
+
+
+def cloze_file(source: str | Path = "python-docs", num_items: int = CLOZE_SIZE, seed: int = 0) -> Path:
+    """A hellaswag-format jsonl of ``num_items`` cloze items built from ``source`` (see
+    :mod:`lowbit.data.cloze`)."""
+    from lowbit.data.cloze import cloze_items
+    from lowbit.data.real_text import load_source
+
+    label = "Python documentation" if str(source) == "python-docs" else "Text"
+    return _cached(f"cloze-{Path(str(source)).name}-{num_items}-{seed}",
+                   lambda: cloze_items(load_source(source), num_items, seed=seed, label=label,
+                                       source=str(source)))
