@@ -32,13 +32,13 @@ from lowbit.models.checkpoint import list_checkpoints, load_checkpoint, remove_s
 from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
 from lowbit.optim.sharding import local_state_bytes
+from lowbit.quant.dtypes import DTYPE_NAMES
 from lowbit.recipes import checkpointing
 from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
 from lowbit.recipes.distributed import Runtime, clip_grad_norm, init_runtime, shard_model
 
 log = logging.getLogger("lowbit")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class TrainingRecipe:
@@ -94,9 +94,9 @@ class TrainingRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.dtype = DTYPES.get(cfg.get("dtype", "fp32"))
+        self.dtype = DTYPE_NAMES.get(cfg.get("dtype", "fp32"))
         if self.dtype is None:
-            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPE_NAMES)}, got {cfg.dtype!r}")
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "

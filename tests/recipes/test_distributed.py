@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from lowbit.models.checkpoint import list_checkpoints
-from lowbit.recipes.cli import run_recipe
 from lowbit.recipes.config import ConfigError
+from lowbit.recipes.runner import run_recipe
 from tests.conftest import SMALL_RUN
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -40,7 +40,7 @@ def assert_same_losses(a, b):
 
 def run_two_ranks(launcher, recipe, config, overrides, env=None, check=True):
     if launcher == "lowbit":
-        cmd = [sys.executable, "-m", "lowbit.recipes.cli", "run", recipe, "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "lowbit.cli", "run", recipe, "--nproc_per_node", "2",
                "--config", config]
     else:
         cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2",
@@ -183,3 +183,4 @@ def test_global_batch_not_divisible_by_ranks_says_so(tmp_path):
                          [*RUN, "batch_size=3", f"output_dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode != 0
     assert "'batch_size' (3, the global batch) must be divisible by the number of processes (2)" in proc.stderr
+

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
-from lowbit.recipes.cli import run_recipe
 from lowbit.recipes.finetune_recipe import FinetuneRecipe
+from lowbit.recipes.runner import run_recipe
 
 
 def losses(run_dir):
@@ -81,7 +81,7 @@ def test_tune_run_and_lowbit_run_entry_points(tmp_path, small_run):
     for name, cmd in {
         "tune": [sys.executable, "-m", "torchtune._cli.tune", "run", "lowbit/recipes/finetune_recipe.py",
                  "--config", "lowbit/recipes/configs/tiny_pretrain.yaml"],
-        "lowbit": [sys.executable, "-m", "lowbit.recipes.cli", "run", "finetune_recipe", "--config", "tiny_pretrain"],
+        "lowbit": [sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config", "tiny_pretrain"],
     }.items():
         out = tmp_path / name
         subprocess.run([*cmd, *args, "max_steps=2", f"output_dir={out}"], check=True, capture_output=True,
