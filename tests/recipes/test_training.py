@@ -99,3 +99,15 @@ def test_float8_grad_output_dtype_from_config(tmp_path, small_run):
     assert layers and all(m.config.grad_output_float8_dtype == torch.float8_e5m2 for m in layers)
     with pytest.raises(ValueError, match="grad_output_dtype"):
         run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.grad_output_dtype=e3m4"])
+
+
+def test_float8_fsdp_keys_are_checked(small_run):
+    """The float8 all-gather keys are recipe keys; precomputing scales without the all-gather says why."""
+    from lowbit.recipes.config import ConfigError
+
+    base = [*small_run, "max_steps=1", "checkpoint_every=0", "float8.recipe=tensorwise", "float8.emulate=true"]
+    with pytest.raises(ConfigError, match="precompute_float8_scales_for_fsdp.*enable_fsdp_float8_all_gather"):
+        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.precompute_float8_scales_for_fsdp=true"])
+    with pytest.raises(ConfigError, match="enable_fsdp_float8_all_gather.*tensorwise"):
+        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.recipe=rowwise",
+                                                         "float8.enable_fsdp_float8_all_gather=true"])
