@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(recipe, config, overrides, nproc):
-    cmd = [sys.executable, "-m", "lowbit.recipes.cli", "run", recipe]
+    cmd = [sys.executable, "-m", "lowbit.cli", "run", recipe]
     if nproc > 1:
         cmd += ["--nproc_per_node", str(nproc)]
     cmd += ["--config", config, *overrides]

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 
 def main() -> None:

@@ -147,7 +147,7 @@ def quality(workdir, overrides, only=None):
     from pathlib import Path
 
     from lowbit.data.synthetic import generate_hellaswag, write_jsonl
-    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
+    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

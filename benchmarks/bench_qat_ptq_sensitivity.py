@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 from lowbit.data import generate_hellaswag, make_world, write_jsonl
-from lowbit.eval import evaluate
+from lowbit.eval import acc_norm, evaluate
 from lowbit.eval.quantize import quantize_for_inference
 from lowbit.models.checkpoint import load_checkpoint
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 # name: (overrides of tiny_pretrain, activities in the world)
 SETTINGS = {
@@ -51,7 +51,7 @@ def main() -> None:
                 if scheme:
                     model = quantize_for_inference(model, scheme, group_size=group)
                 res = evaluate(model=model, tokenizer=tok, task_file=task, scheme=None)
-                accs.append(res["results"]["hellaswag_local"]["acc_norm,none"])
+                accs.append(acc_norm(res))
             worst = 100 * (accs[0] - min(accs[1:]))
             print(f"| {name} | {run.losses[-1]:.3f} | " + " | ".join(f"{x:.4f}" for x in accs) + f" | {worst:.2f} |",
                   flush=True)

@@ -21,10 +21,8 @@ Measurements (``bench_model``), all on the same prompt of random token ids:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import threading
@@ -34,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.eval.compile import CompilerNotFoundError, compile_for_cpu
+from lowbit.eval.compile import compile_for_cpu
 from lowbit.eval.generate import Generator
-from lowbit.eval.quantize import DTYPE_NAMES, INFERENCE_SCHEMES, model_bytes, quantize_for_inference
+from lowbit.eval.quantize import INFERENCE_SCHEMES, model_bytes, quantize_for_inference
 
 RANDOM_WEIGHTS_NOTE = "random-weight preset: speed only, the generated text is meaningless"
 
@@ -234,90 +232,3 @@ def markdown_table(rows: list[dict]) -> str:
             f"{_fmt(r['kernel_ms'], '.2f')} | {r['model_mb']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def run_speed_arm(model_or_preset: str | nn.Module, schemes: list[str] | str, workdir: str | Path, *,
-                  modes=("compiled",), prompt_len: int = 32, decode_tokens: int = 16, repeats: int = 2,
-                  baseline: bool = True, log=print) -> dict:
-    """The demo's speed section: bench ``schemes``, write ``speed.json``, ``speed.md``, ``decode_tok_s.png``.
-
-    Args:
-        model_or_preset: a float model, a preset name or a checkpoint dir.
-        schemes: names (list or comma-separated) from ``none, 8w, 8da8w, 4w, 8da4w``.
-        workdir: output directory (created).
-        modes: ``("compiled",)``, ``("eager",)`` or both.
-        baseline: prepend the fp32/float eager ``none`` row (the reference for ``speedup``).
-
-    Returns:
-        ``{"rows": [...], "markdown": str, "plot": path, "description": str}``.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
-    parse_schemes(",".join(schemes))
-    rows, desc = [], ""
-    if baseline:
-        rows, desc = bench_rows(model_or_preset, ["none"], modes=("eager",), prompt_len=prompt_len,
-                                decode_tokens=decode_tokens, repeats=repeats, log=log)
-    more, desc = bench_rows(model_or_preset, schemes, modes=modes, prompt_len=prompt_len,
-                            decode_tokens=decode_tokens, repeats=repeats, log=log)
-    rows += more
-    for r in rows:
-        r["speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
-    md = (f"Decode / prefill throughput on CPU ({desc}; prompt {prompt_len} tokens, {decode_tokens} decode "
-          f"steps, batch 1; speedup = decode tok/s over the first row).\n\n" + markdown_table(rows))
-    from lowbit.eval.plots import plot_bars
-
-    plot = plot_bars({f"{r['scheme']} {r['mode']}": r["decode_tok_s"] for r in rows},
-                     "CPU decode throughput per scheme", "decode tokens/s", workdir / "decode_tok_s.png")
-    (workdir / "speed.json").write_text(json.dumps({"description": desc, "rows": rows}, indent=2))
-    (workdir / "speed.md").write_text(md + "\n")
-    return {"rows": rows, "markdown": md, "plot": str(plot), "description": desc}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit bench", description="CPU inference throughput per quantization scheme")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="lowbit checkpoint dir (or run dir: its latest checkpoint)")
-    src.add_argument("--preset", help="model preset with random weights (speed only), e.g. small_150m")
-    p.add_argument("--schemes", default="none,8w,4w,8da4w", help="comma-separated: none,8w,8da8w,4w,8da4w")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--compile", dest="modes", action="store_const", const=("compiled",),
-                      help="torch.compile with the CPU Inductor flags (default)")
-    mode.add_argument("--eager", dest="modes", action="store_const", const=("eager",))
-    mode.add_argument("--both", dest="modes", action="store_const", const=("eager", "compiled"))
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPE_NAMES),
-                   help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype")
-    p.add_argument("--group-size", type=int, default=None, help="group size for 4w / 8da4w")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-profile", action="store_true", help="skip the host/kernel time profile")
-    p.add_argument("--output", help="directory for bench.json and bench.md")
-    p.set_defaults(modes=("compiled",))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``lowbit bench``: prints a markdown table; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        schemes = parse_schemes(args.schemes)
-        rows, desc = bench_rows(
-            args.checkpoint or args.preset, schemes, modes=args.modes, dtype=DTYPE_NAMES[args.dtype],
-            group_size=args.group_size, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens,
-            batch_size=args.batch_size, repeats=args.repeats, profile=not args.no_profile,
-        )
-    except (ValueError, KeyError, FileNotFoundError, CompilerNotFoundError) as e:
-        print(f"lowbit bench: error: {e}")
-        return 2
-    md = (f"{desc}; torch {torch.__version__}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, "
-          f"{args.decode_tokens} decode steps, batch {args.batch_size}\n\n{markdown_table(rows)}")
-    print(md)
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"description": desc, "rows": rows}, indent=2))
-        (out / "bench.md").write_text(md + "\n")
-    return 0

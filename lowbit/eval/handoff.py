@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lowbit import qat
-from lowbit.eval.evaluate import evaluate
+from lowbit.eval.evaluate import acc_norm, evaluate
 from lowbit.eval.quantize import quantize_for_inference
 from lowbit.models.checkpoint import load_checkpoint
 
@@ -55,5 +55,5 @@ def compare_handoff(checkpoint: str | Path, scheme: str, *, group_size: int | No
     same = sum(a[d][0] == b[d][0] for d in a)
     diff = max(max(abs(x - y) for x, y in zip(a[d][1], b[d][1])) for d in a)
     return {"items": len(a), "same_choice": same, "max_abs_ll_diff": diff, "dtype": str(dtype),
-            "acc_norm_fake_quant": runs["fake_quant"]["results"][task]["acc_norm,none"],
-            "acc_norm_deployed": runs["deployed"]["results"][task]["acc_norm,none"]}
+            "acc_norm_fake_quant": acc_norm(runs["fake_quant"], task),
+            "acc_norm_deployed": acc_norm(runs["deployed"], task)}

@@ -36,9 +36,6 @@ _KERNEL_DTYPE: dict[str, torch.dtype | None] = {
     "none": None, "8da8w": None, "8w": torch.bfloat16, "4w": torch.bfloat16, "8da4w": torch.bfloat16,
 }
 _DTYPES = (torch.float32, torch.bfloat16)
-# command-line names of the inference dtypes (``auto``: the scheme's kernel dtype)
-DTYPE_NAMES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16}
 
 
 @contextmanager

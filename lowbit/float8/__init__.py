@@ -16,11 +16,13 @@ from lowbit.float8.convert import (
     default_skip_reason,
     is_float8_model,
 )
+from lowbit.float8.converter import Float8Converter
 from lowbit.float8.fsdp import precompute_float8_scales_for_fsdp
 from lowbit.float8.linear import Float8Linear, check_float8_hardware
 
 __all__ = [
     "RECIPES",
+    "Float8Converter",
     "Float8Linear",
     "Float8TrainingConfig",
     "auto_filter",

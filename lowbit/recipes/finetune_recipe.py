@@ -11,7 +11,8 @@ from lowbit.recipes.training import TrainingRecipe, run
 
 
 class FinetuneRecipe(TrainingRecipe):
-    """The shared training loop with no model transformation (float8 comes from the ``float8`` key)."""
+    """The shared training loop with no model transformation of its own (float8 is a converter from
+    the ``float8`` config key, see ``lowbit.recipes.converters``)."""
 
     recipe_name = "finetune_recipe"
 

@@ -32,13 +32,14 @@ from lowbit.models.checkpoint import list_checkpoints, load_checkpoint, remove_s
 from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
 from lowbit.optim.sharding import local_state_bytes
+from lowbit.quant.dtypes import DTYPE_NAMES
 from lowbit.recipes import checkpointing
 from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
+from lowbit.recipes.converters import FLOAT8_KEYS, model_converters
 from lowbit.recipes.distributed import Runtime, clip_grad_norm, init_runtime, shard_model
 
 log = logging.getLogger("lowbit")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class TrainingRecipe:
@@ -62,7 +63,7 @@ class TrainingRecipe:
         "dtype": None,
         "device": None,
         "compile": None,
-        "float8": {"recipe": None, "emulate": None, "grad_output_dtype": None},
+        "float8": FLOAT8_KEYS,
         "checkpoint_every": None,
         "keep_last": None,
         "resume": None,
@@ -77,6 +78,7 @@ class TrainingRecipe:
         self.step = 0
         self.losses: list[float] = []
         self.rt = Runtime()
+        self.converters: list = []  # model converters (float8): convert() in setup, a hook after each step
 
     # ----------------------------------------------------------------- hooks for recipes
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -94,9 +96,9 @@ class TrainingRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.dtype = DTYPES.get(cfg.get("dtype", "fp32"))
+        self.dtype = DTYPE_NAMES.get(cfg.get("dtype", "fp32"))
         if self.dtype is None:
-            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPE_NAMES)}, got {cfg.dtype!r}")
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "
@@ -109,12 +111,9 @@ class TrainingRecipe:
         model, self.tokenizer, self.tokenizer_dir, self.model_args = self._build_model_and_tokenizer()
         self.rows = self._load_data()
         model = self.prepare_model(model.to(device=rt.device, dtype=self.dtype))
-        if cfg.get("float8") and cfg.float8.get("recipe"):
-            from lowbit.float8 import Float8TrainingConfig, convert_to_float8_training
-
-            f8 = Float8TrainingConfig.from_recipe(cfg.float8.recipe, emulate=bool(cfg.float8.get("emulate", False)),
-                                                  grad_output_dtype=cfg.float8.get("grad_output_dtype"))
-            model = convert_to_float8_training(model, config=f8)
+        self.converters = model_converters(cfg, rt)
+        for converter in self.converters:
+            model = converter.convert(model)
         if rt.distributed:
             model = shard_model(model, rt)
         self.model = model
@@ -216,6 +215,8 @@ class TrainingRecipe:
                 if cfg.get("clip_grad_norm"):
                     grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad_norm, self.rt)
                 self.optimizer.step()
+                for converter in self.converters:
+                    converter.post_optimizer_hook(self.model)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()

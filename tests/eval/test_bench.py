@@ -1,11 +1,12 @@
-"""Throughput bench: metrics are consistent, CLI / speed-arm outputs, bad input (eager only: fast)."""
+"""Throughput bench: metrics are consistent, CLI outputs, bad input (eager only: fast)."""
 
 import json
 
 import pytest
 import torch
 
-from lowbit.eval.bench import bench_model, main, markdown_table, parse_schemes, run_speed_arm
+from lowbit.cli import main as lowbit_main
+from lowbit.eval.bench import bench_model, markdown_table, parse_schemes
 from lowbit.models import build_model
 
 
@@ -22,7 +23,7 @@ def test_bench_model_metrics_are_consistent():
 
 
 def test_cli_writes_rows_and_says_random_weights(tmp_path, capsys):
-    rc = main(["--preset", "tiny", "--schemes", "none,8w", "--eager", "--prompt-len", "8", "--decode-tokens", "3",
+    rc = lowbit_main(["bench", "--preset", "tiny", "--schemes", "none,8w", "--eager", "--prompt-len", "8", "--decode-tokens", "3",
                "--repeats", "1", "--no-profile", "--output", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -35,27 +36,14 @@ def test_cli_writes_rows_and_says_random_weights(tmp_path, capsys):
 
 
 def test_cli_bad_input(capsys):
-    assert main(["--preset", "tiny", "--schemes", "none,int3"]) == 2
+    assert lowbit_main(["bench", "--preset", "tiny", "--schemes", "none,int3"]) == 2
     assert "int3" in capsys.readouterr().out
-    assert main(["--preset", "no_such_preset", "--schemes", "none", "--eager"]) == 2
+    assert lowbit_main(["bench", "--preset", "no_such_preset", "--schemes", "none", "--eager"]) == 2
     assert "no_such_preset" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["--preset", "tiny", "--checkpoint", "x"])
+        lowbit_main(["bench", "--preset", "tiny", "--checkpoint", "x"])
     with pytest.raises(ValueError, match="empty"):
         parse_schemes(" , ")
-
-
-def test_run_speed_arm_writes_markdown_rows_and_plot(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("tiny", num_layers=1).eval()
-    res = run_speed_arm(model, "4w", tmp_path, modes=("eager",), prompt_len=4, decode_tokens=2, repeats=1,
-                        log=lambda *_: None)
-    assert [(r["scheme"], r["mode"]) for r in res["rows"]] == [("none", "eager"), ("4w", "eager")]
-    assert res["markdown"].count("\n| ") == 3 and "| 4w | eager | bfloat16 |" in res["markdown"]
-    assert (tmp_path / "decode_tok_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "speed.json").read_text())["rows"][1]["scheme"] == "4w"
-    # the float model handed in is not modified (each arm quantizes a copy)
-    assert type(model.layers[0].attn.q_proj.weight) is torch.nn.Parameter
 
 
 def test_markdown_table_columns():

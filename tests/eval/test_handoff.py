@@ -5,7 +5,7 @@ import torch
 
 from lowbit.data import generate_hellaswag, write_jsonl
 from lowbit.eval.handoff import compare_handoff
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_fake_quant_and_deployed_model_choose_the_same_endings(trained, scheme, 
 
 
 def test_lowbit_eval_passes_group_size_and_dtype(trained, monkeypatch, capsys):
-    from lowbit.eval import cli, quantize
+    from lowbit import cli
+    from lowbit.eval import quantize
 
     run, task = trained
     seen = []
@@ -45,7 +46,7 @@ def test_lowbit_eval_passes_group_size_and_dtype(trained, monkeypatch, capsys):
         return real(model, scheme, **kw)
 
     monkeypatch.setattr(quantize, "quantize_for_inference", spy)
-    assert cli.main(["--checkpoint", str(run), "--task-file", str(task), "--limit", "4", "--scheme", "8da4w",
+    assert cli.main(["eval", "--checkpoint", str(run), "--task-file", str(task), "--limit", "4", "--scheme", "8da4w",
                      "--group-size", "64", "--dtype", "fp32"]) == 0
     assert seen == [("8da4w", {"group_size": 64, "dtype": torch.float32})]
     assert "scheme: 8da4w" in capsys.readouterr().out

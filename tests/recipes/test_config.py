@@ -27,7 +27,7 @@ def test_missing_config_and_bad_override():
 
 
 def test_bad_component_kwarg_names_key(tmp_path, small_run):
-    from lowbit.recipes.cli import run_recipe
+    from lowbit.recipes.runner import run_recipe
 
     with pytest.raises(ConfigError, match="cannot instantiate config key 'optimizer'.*lrr"):
         run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=1", "optimizer.lrr=1"])

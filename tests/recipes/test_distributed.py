@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from lowbit.models.checkpoint import list_checkpoints
-from lowbit.recipes.cli import run_recipe
 from lowbit.recipes.config import ConfigError
+from lowbit.recipes.runner import run_recipe
 from tests.conftest import SMALL_RUN
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -40,7 +40,7 @@ def assert_same_losses(a, b):
 
 def run_two_ranks(launcher, recipe, config, overrides, env=None, check=True):
     if launcher == "lowbit":
-        cmd = [sys.executable, "-m", "lowbit.recipes.cli", "run", recipe, "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "lowbit.cli", "run", recipe, "--nproc_per_node", "2",
                "--config", config]
     else:
         cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2",
@@ -183,3 +183,52 @@ def test_global_batch_not_divisible_by_ranks_says_so(tmp_path):
                          [*RUN, "batch_size=3", f"output_dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode != 0
     assert "'batch_size' (3, the global batch) must be divisible by the number of processes (2)" in proc.stderr
+
+
+def test_float8_all_gather_and_scale_precompute_from_the_recipe(tmp_path, one_thread):
+    """``float8.enable_fsdp_float8_all_gather`` and ``float8.precompute_float8_scales_for_fsdp`` on 2 ranks
+    (emulated float8 on CPU): the hook runs after every optimizer step on every rank, each all-gather
+    moves float8 bytes cast with the precomputed scale, and the losses equal the 1-process float8 run
+    (which casts the whole weight itself) bit for bit."""
+    # torch's AdamW: lowbit.optim's fused CPU step does not take the all-gather weight subclass yet
+    args = [a for a in RUN if not a.startswith("optimizer.")] + ["optimizer._component_=torch.optim.AdamW"]
+    f8 = ["float8.recipe=tensorwise", "float8.emulate=true"]
+    one = run_recipe("finetune_recipe", "tiny_pretrain", [*args, *f8, "batch_size=2",
+                                                          "gradient_accumulation_steps=2",
+                                                          f"output_dir={tmp_path / 'one'}"])
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ:\n"
+        "    log = os.path.join(os.environ['F8_LOG'], 'rank' + os.environ['RANK'])\n"
+        "    import lowbit.float8.converter as c\n"
+        "    import lowbit.float8.fsdp as f\n"
+        "    real_pre, real_hook = f.Float8AllGatherWeight.fsdp_pre_all_gather, c.precompute_float8_scales_for_fsdp\n"
+        "    def pre(self, mesh, outer_size, outer_stride, module, mp_policy):\n"
+        "        fresh = self._precomputed is not None and self._precomputed[1] == self._tensor._version\n"
+        "        out = real_pre(self, mesh, outer_size, outer_stride, module, mp_policy)\n"
+        "        with open(log, 'a') as fh:\n"
+        "            fh.write(f'gather {out[0][0].dtype} {fresh}\\n')\n"
+        "        return out\n"
+        "    def hook(model):\n"
+        "        with open(log, 'a') as fh:\n"
+        "            fh.write('hook\\n')\n"
+        "        return real_hook(model)\n"
+        "    f.Float8AllGatherWeight.fsdp_pre_all_gather = pre\n"
+        "    c.precompute_float8_scales_for_fsdp = hook\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "F8_LOG": str(tmp_path)}
+    run_two_ranks("lowbit", "finetune_recipe", "tiny_pretrain",
+                  [*args, *f8, "float8.enable_fsdp_float8_all_gather=true",
+                   "float8.precompute_float8_scales_for_fsdp=true", f"output_dir={tmp_path / 'two'}"], env=env)
+    assert losses(tmp_path / "two") == one.losses
+    for rank in range(2):
+        events = (tmp_path / f"rank{rank}").read_text().splitlines()
+        assert events.count("hook") == 6  # max_steps
+        gathers = [e for e in events if e.startswith("gather")]
+        assert gathers and all(e.startswith("gather torch.uint8") for e in gathers)  # float8 bytes
+        # before the first step nothing was precomputed; after it, every all-gather uses the hook's scale
+        first_hook = events.index("hook")
+        assert all(e.endswith("True") for e in events[first_hook:] if e.startswith("gather"))

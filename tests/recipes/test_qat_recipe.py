@@ -64,10 +64,3 @@ def test_tiny_qat_run_records_scheme_and_fake_quant_schedule(tmp_path):
     sd = load_file(str(ckpt / "model.safetensors"))
     plain = build_model(recipe.model_args)
     plain.load_state_dict(sd, strict=True)
-
-
-def test_demo_recovered_fraction():
-    from lowbit.recipes.demo_qat import recovered
-
-    assert recovered(0.7660, 0.7066, 0.7651) == pytest.approx(0.9848, abs=1e-4)  # the published 8B numbers
-    assert recovered(0.5, 0.5, 0.6) is None  # PTQ lost nothing: undefined, not a division by zero

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
-from lowbit.recipes.cli import run_recipe
 from lowbit.recipes.finetune_recipe import FinetuneRecipe
+from lowbit.recipes.runner import run_recipe
 
 
 def losses(run_dir):
@@ -81,7 +81,7 @@ def test_tune_run_and_lowbit_run_entry_points(tmp_path, small_run):
     for name, cmd in {
         "tune": [sys.executable, "-m", "torchtune._cli.tune", "run", "lowbit/recipes/finetune_recipe.py",
                  "--config", "lowbit/recipes/configs/tiny_pretrain.yaml"],
-        "lowbit": [sys.executable, "-m", "lowbit.recipes.cli", "run", "finetune_recipe", "--config", "tiny_pretrain"],
+        "lowbit": [sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config", "tiny_pretrain"],
     }.items():
         out = tmp_path / name
         subprocess.run([*cmd, *args, "max_steps=2", f"output_dir={out}"], check=True, capture_output=True,
@@ -99,3 +99,15 @@ def test_float8_grad_output_dtype_from_config(tmp_path, small_run):
     assert layers and all(m.config.grad_output_float8_dtype == torch.float8_e5m2 for m in layers)
     with pytest.raises(ValueError, match="grad_output_dtype"):
         run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.grad_output_dtype=e3m4"])
+
+
+def test_float8_fsdp_keys_are_checked(small_run):
+    """The float8 all-gather keys are recipe keys; precomputing scales without the all-gather says why."""
+    from lowbit.recipes.config import ConfigError
+
+    base = [*small_run, "max_steps=1", "checkpoint_every=0", "float8.recipe=tensorwise", "float8.emulate=true"]
+    with pytest.raises(ConfigError, match="precompute_float8_scales_for_fsdp.*enable_fsdp_float8_all_gather"):
+        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.precompute_float8_scales_for_fsdp=true"])
+    with pytest.raises(ConfigError, match="enable_fsdp_float8_all_gather.*tensorwise"):
+        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.recipe=rowwise",
+                                                         "float8.enable_fsdp_float8_all_gather=true"])

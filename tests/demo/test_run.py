@@ -1,6 +1,7 @@
 import pytest
 
-from lowbit.recipes import demo
+from lowbit import demo
+from lowbit.cli import main as lowbit_main
 
 
 def test_demo_writes_a_report_with_the_measured_figures(tmp_path):
@@ -15,5 +16,5 @@ def test_demo_writes_a_report_with_the_measured_figures(tmp_path):
 
 def test_demo_rejects_unknown_arms(capsys):
     with pytest.raises(SystemExit):
-        demo.main(["--arms", "optim,warp"])
+        lowbit_main(["demo", "--arms", "optim,warp"])
     assert "unknown arm(s) ['warp']" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from tests.conftest import SMALL_RUN
 
 def test_run_optim_arm_rows(tmp_path, monkeypatch):
     import lowbit.eval
-    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
+    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
 
     assert OPTIMIZERS == {"AdamW (fp32)": "torch.optim.AdamW", "AdamW8bit": "lowbit.optim.AdamW8bit",
                           "AdamW4bit": "lowbit.optim.AdamW4bit"}

@@ -1,4 +1,4 @@
-"""The QAT arm of ``lowbit demo``: the published QAT experiment at small scale.
+"""The QAT arm of the demo: the published QAT experiment at small scale.
 
 From a pretrained tiny base, fine-tune twice with identical data, steps, seed and optimizer: once plainly
 (``finetune_recipe``) and once with QAT (``qat_recipe``) per scheme. Then evaluate acc_norm of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 SCHEMES = ("8da4w", "4w")
 
@@ -37,10 +37,9 @@ def _finetune(recipe: str, base_checkpoint: Path, out: Path, overrides: list[str
 
 
 def _acc(checkpoint: Path, eval_file: Path, scheme: str | None, limit: int | None) -> float:
-    from lowbit.eval import evaluate
+    from lowbit.eval import acc_norm, evaluate
 
-    res = evaluate(checkpoint, task_file=eval_file, scheme=scheme, limit=limit)
-    return float(res["results"]["hellaswag_local"]["acc_norm,none"])
+    return float(acc_norm(evaluate(checkpoint, task_file=eval_file, scheme=scheme, limit=limit)))
 
 
 def recovered(float_acc: float, ptq_acc: float, qat_acc: float) -> float | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 OPTIMIZERS = {
     "AdamW (fp32)": "torch.optim.AdamW",
@@ -60,7 +60,7 @@ def run_optim_arm(workdir: Path, eval_file: Path, base_overrides: list[str], *,
     last 20 training losses), ``acc_norm, state_bytes_per_param, step_ms`` (mean training step,
     steady state) and ``optim_step_ms`` (median optimizer step alone) and ``loss_vs_adamw``.
     """
-    from lowbit.eval import evaluate
+    from lowbit.eval import acc_norm, evaluate
 
     workdir = Path(workdir)
     rows = []
@@ -75,7 +75,7 @@ def run_optim_arm(workdir: Path, eval_file: Path, base_overrides: list[str], *,
         rows.append({
             "name": name,
             "final_loss": sum(losses) / len(losses),
-            "acc_norm": float(res["results"]["hellaswag_local"]["acc_norm,none"]),
+            "acc_norm": float(acc_norm(res)),
             "state_bytes_per_param": state_bytes_per_param(r.optimizer, params),
             "step_ms": summary["mean_step_ms"],
             "optim_step_ms": optimizer_step_ms(r.optimizer, params),

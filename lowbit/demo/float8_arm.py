@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 RECIPES = ("tensorwise", "rowwise")
 LAST_N = 10  # final loss = mean training loss of the last LAST_N steps (one batch is noisy)
@@ -31,10 +31,9 @@ def _train(out: Path, overrides: list[str]) -> dict:
 
 
 def _acc(run: Path, eval_file: Path, limit: int | None) -> float:
-    from lowbit.eval import evaluate
+    from lowbit.eval import acc_norm, evaluate
 
-    res = evaluate(run, task_file=eval_file, scheme=None, limit=limit)
-    return float(res["results"]["hellaswag_local"]["acc_norm,none"])
+    return float(acc_norm(evaluate(run, task_file=eval_file, scheme=None, limit=limit)))
 
 
 def run_float8_arm(

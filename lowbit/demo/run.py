@@ -1,4 +1,4 @@
-"""``lowbit demo``: pretrain the tiny preset offline, evaluate it with lm-eval, run each feature's arm,
+"""The demo (``lowbit demo``): pretrain the tiny preset offline, evaluate it with lm-eval, run each feature's arm,
 and write one markdown report (plus PNG plots) next to the runs.
 
 Arms (each in its own module, chosen with ``--arms``):
@@ -8,7 +8,6 @@ and, opt-in, ``speed`` (CPU decode/prefill throughput per inference scheme).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import json
@@ -24,7 +23,7 @@ from lowbit.data import generate_hellaswag, write_jsonl
 from lowbit.eval import acc_norm, evaluate
 from lowbit.models import num_params
 from lowbit.models.checkpoint import load_checkpoint
-from lowbit.recipes.cli import run_recipe
+from lowbit.recipes.runner import run_recipe
 
 log = logging.getLogger("lowbit.demo")
 
@@ -46,17 +45,17 @@ def _cpu_name() -> str:
 
 def _run_arm(name: str, out: Path, eval_file: Path, base_ckpt: Path, base_overrides: list[str]) -> dict:
     if name == "optim":
-        return importlib.import_module("lowbit.recipes.demo_optim").run_optim_arm(
+        return importlib.import_module("lowbit.demo.optim_arm").run_optim_arm(
             out / "optim", eval_file, base_overrides)
     if name == "qat":
-        return importlib.import_module("lowbit.recipes.demo_qat").run_qat_arm(
+        return importlib.import_module("lowbit.demo.qat_arm").run_qat_arm(
             base_ckpt, out / "qat", eval_file, base_overrides)
     if name == "float8":
         # tensorwise only: the emulated rowwise step is ~3.6x slower on CPU (its parity is benchmarked).
-        return importlib.import_module("lowbit.recipes.demo_float8").run_float8_arm(
+        return importlib.import_module("lowbit.demo.float8_arm").run_float8_arm(
             out / "float8", eval_file, base_overrides, recipes=("tensorwise",))
     if name == "speed":
-        return importlib.import_module("lowbit.eval.bench").run_speed_arm(
+        return importlib.import_module("lowbit.demo.speed_arm").run_speed_arm(
             "small_150m", ["8w", "4w", "8da4w"], out / "speed")
     raise ValueError(f"unknown demo arm {name!r}; known arms: {list(ARMS)}")
 
@@ -142,23 +141,3 @@ def _report(base: dict, sections: list[str], seconds: float, accuracy: dict) -> 
     ]
     lines += ["![accuracy per arm](accuracy.png)", ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowbit demo", description=__doc__)
-    p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
-    p.add_argument("--steps", type=int, help="pretraining steps (default: the tiny_pretrain config's)")
-    p.add_argument("--arm-steps", type=int, default=120, help="training steps of each arm's runs")
-    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help=f"comma-separated subset of {','.join(ARMS)}, or none (default: {','.join(DEFAULT_ARMS)})")
-    p.add_argument("--items", type=int, default=500, help="evaluation items")
-    a = p.parse_args(argv)
-    arms = [] if a.arms in ("", "none") else a.arms.split(",")
-    unknown = [x for x in arms if x not in ARMS]
-    if unknown:
-        p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    result = run_demo(Path(a.output), steps=a.steps, arm_steps=a.arm_steps, arms=arms, num_items=a.items)
-    if result["failures"]:
-        print(f"demo arms failed: {result['failures']} (details in the report)")
-        return 1
-    return 0
