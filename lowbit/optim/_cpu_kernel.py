@@ -96,6 +96,11 @@ def get() -> ctypes.CDLL | None:
     return _lib
 
 
+def failure() -> str | None:
+    """Why the kernel is unavailable (``None`` if it loaded or was not tried yet)."""
+    return _failed
+
+
 def supports(p: Tensor, g: Tensor) -> bool:
     """Whether the kernel can update ``p`` with gradient ``g`` in place."""
     return (

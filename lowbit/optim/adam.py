@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import _cpu_kernel, sharding
+from . import _cpu_kernel, backend, sharding
 from ._torch_step import hyper_row, torch_step
 from .formats import FORMATS, StateFormat, check_state, init_state, is_quantized
 
@@ -167,20 +167,25 @@ class _AdamLowBit(torch.optim.Optimizer):
                 state = sharding.local_views(state)
                 if p.numel() == 0:
                     continue
-            use_kernel = _cpu_kernel.supports(p, g)
-            buckets[(use_kernel, p.device, p.dtype, quant)].append((p, g, state, row))
+            impl = backend.choose(p, g, where)
+            buckets[(impl, p.device, p.dtype, quant)].append((p, g, state, row))
 
-        for (use_kernel, _device, dtype, quant), items in buckets.items():
+        for (impl, _device, dtype, quant), items in buckets.items():
             f: StateFormat | None = fmt if quant else None
             hyper = torch.tensor([it[3] for it in items], dtype=torch.float32)
             stochastic = sr and dtype == torch.bfloat16
             seeds = _sr_seeds(len(items)) if stochastic else [0] * len(items)
-            lib = _cpu_kernel.get() if use_kernel else None
-            if lib is not None:
-                _cpu_kernel.step(lib, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items], f,
-                                 bs, hyper, seeds, group["maximize"], not self._decoupled, stochastic)
+            ps, gs, states = [it[0] for it in items], [it[1] for it in items], [it[2] for it in items]
+            if impl == "cpp":
+                _cpu_kernel.step(_cpu_kernel.get(), ps, gs, states, f, bs, hyper, seeds, group["maximize"],
+                                 not self._decoupled, stochastic)
+            elif impl == "triton":
+                from . import _triton_step
+
+                _triton_step.step(ps, gs, states, f, bs, hyper, seeds, group["maximize"], not self._decoupled,
+                                  stochastic)
             else:
-                for j, (p, g, state, _) in enumerate(items):
+                for j, (p, g, state) in enumerate(zip(ps, gs, states)):
                     torch_step(p, g, state, f, bs, hyper[j], group["maximize"], not self._decoupled, stochastic,
                                seeds[j])
         for p, p_full in gathered:
