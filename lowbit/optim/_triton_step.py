@@ -10,8 +10,8 @@ they never recompile the kernel.
 
 Numerics are those of the reference step (``lowbit.optim._torch_step``, tests/optim/reference.py), op by
 op: fp32 multiplies and adds launched with ``enable_fp_fusion=False`` (no FMA contraction), correctly
-rounded ``sqrt_rn`` / ``div_rn``, no denormal flushing, the exact nearest code as a branch-free binary
-search over the codebook's midpoint thresholds (``lowbit.quant.blockwise.thresholds``), e4m3 encode and
+rounded ``sqrt_rn`` / ``div_rn``, no denormal flushing, the exact nearest code from one load of the codebook's cell
+table (``lowbit.quant.blockwise.encode_cell_table``, as the C++ kernel's table encode), e4m3 encode and
 decode and bf16 rounding by integer bit manipulation. Every such operation has one correct result, so the
 interpreter (numpy, which the CPU tests run) and the GPU compute the same bits.
 
@@ -27,7 +27,6 @@ import contextlib
 import types
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -119,15 +118,20 @@ def _max(a, b):
     return tl.maximum(a, b)
 
 
-def _nearest_code(y, t_ptr, LOG: tl.constexpr):
-    """#{c : y >= T[c]} over the sorted thresholds ``T`` (``2**LOG`` entries, the last +inf): the exact
-    nearest code, ties up. A branch-free binary search, one table load per level."""
-    pos = tl.full(y.shape, 0, tl.int32)
-    for k in tl.static_range(LOG):
-        half = 1 << (LOG - 1 - k)
-        t = tl.load(t_ptr + pos + (half - 1))
-        pos = tl.where(y >= t, pos + half, pos)
-    return pos
+def _nearest_code(y, t_ptr):
+    """The exact nearest code (ties up) of finite ``y`` in [-1, 1] from one load of the codebook's cell table
+    (``lowbit.quant.blockwise.encode_cell_table``; ``t_ptr``: a_lo, a_hi, shift, ncells, then the table)."""
+    a_lo = tl.load(t_ptr)
+    a_hi = tl.load(t_ptr + 1)
+    shift = tl.load(t_ptr + 2)
+    ncells = tl.load(t_ptr + 3)
+    b = y.to(tl.int32, bitcast=True)
+    neg = b >> 31  # arithmetic shift: -1 for negative y, else 0
+    a = tl.minimum(tl.maximum(b & 0x7FFFFFFF, a_lo), a_hi) - a_lo
+    mask = (1 << shift) - 1
+    entry = tl.load(t_ptr + 4 + (a >> shift) + (neg & ncells)).to(tl.uint32)
+    off = ((a & mask) ^ (neg & mask)).to(tl.uint32)
+    return (entry >> 23).to(tl.int32) - (off < (entry & 0x7FFFFF)).to(tl.int32)
 
 
 def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr):
@@ -158,14 +162,14 @@ def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE
     if MODE == 3:
         tl.store(_ptr(codes_addr, tl.uint8) + e, _encode_fp8(y), mask=valid)
     elif MODE == 2:
-        code = tl.where(valid, _nearest_code(y, t_ptr, 4), 0)
+        code = tl.where(valid, _nearest_code(y, t_ptr), 0)
         lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
         k = tl.arange(0, BLOCK // 2)[None, :]
         first = blk[:, None] * bs + 2 * k  # the even element of each byte
         tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
                  mask=(2 * k < bs) & (first < n))
     else:
-        tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr, 8).to(tl.uint8), mask=valid)
+        tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
 
 
 def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_ptr, tv_ptr, bs,
@@ -268,7 +272,8 @@ MAX_TABLES = 64
 
 
 def _book(kind: str, name: str | None, device: torch.device) -> Tensor:
-    """A codebook (``"q"``) or its thresholds padded with +inf to a power of two (``"t"``), on ``device``."""
+    """On ``device``: a codebook (``"q"``, fp32) or its encode cell table (``"t"``, int32: a_lo, a_hi, shift,
+    ncells, then the table)."""
     key = (kind, name, device)
     if key not in _books:
         if name is None:  # fp8: no tables
@@ -276,8 +281,9 @@ def _book(kind: str, name: str | None, device: torch.device) -> Tensor:
         elif kind == "q":
             t = blockwise.codebook(name)
         else:
-            th = blockwise.thresholds(name)
-            t = torch.cat([th, torch.full((1,), float("inf"))])
+            table, meta = blockwise.encode_cell_table(name)
+            head = torch.tensor([meta["a_lo"], meta["a_hi"], meta["shift"], meta["ncells"]], dtype=torch.int32)
+            t = torch.cat([head, table])
         _books[key] = t.to(device)
     return _books[key]
 
@@ -333,17 +339,23 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
         return
     table, progs = _table(device, static, bs, rows)
 
-    per_step = np.zeros((len(live), STEP_COLS.value), dtype=np.int64)
-    per_step[:, 0] = [grads[i].data_ptr() for i in live]
-    per_step[:, 1] = [seeds[i] & 0xFFFFFFFF for i in live]
-    per_step.view(np.float32)[:, HYPER_SLOT.value:HYPER_SLOT.value + 9] = hyper[live].numpy()
-    step_t = _to_device(torch.from_numpy(per_step), device)
+    per_step = torch.zeros((len(live), STEP_COLS.value), dtype=torch.int64)
+    per_step[:, 0] = torch.tensor([grads[i].data_ptr() for i in live], dtype=torch.int64)
+    per_step[:, 1] = torch.tensor([seeds[i] & 0xFFFFFFFF for i in live], dtype=torch.int64)
+    per_step.view(torch.float32)[:, HYPER_SLOT.value:HYPER_SLOT.value + 9] = hyper[live]
+    step_t = _to_device(per_step, device)
 
     interpret = device.type != "cuda"
     grid = (progs.shape[0],)
-    with np.errstate(all="ignore") if interpret else contextlib.nullcontext():  # numpy: NaN and inf are data
+    with _quiet_numpy() if interpret else contextlib.nullcontext():
         _launch(kernel(interpret)[grid], table, step_t, progs, books, device, bs, mode, params[0].dtype, block, rows,
                 maximize, coupled, stochastic)
+
+
+def _quiet_numpy():
+    import numpy as np  # the interpreter's arithmetic: NaN and inf are data here, not errors
+
+    return np.errstate(all="ignore")
 
 
 def _launch(launcher, table, step_t, progs, books, device, bs, mode, dtype, block, rows, maximize, coupled,

@@ -138,7 +138,7 @@ def test_compiled_kernel_has_exact_fp32_ops():
     try:
         k = _triton_step.kernel(interpret=False)
         sig = {n: "*i64" for n in ("static_ptr", "step_ptr", "prog_ptr")}
-        sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr", "tm_ptr", "tv_ptr")}, bs="i32")
+        sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32")
         ptx = {}
         for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False)]:
             block = 128 if mode == 2 else 256
