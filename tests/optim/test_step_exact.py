@@ -8,6 +8,7 @@ from lowbit import optim as lo
 from lowbit.optim import _cpu_kernel
 from lowbit.optim import adam as adam_mod
 
+from . import kernel_testing
 from .reference import bits_equal, reference_step
 
 CLASSES = {
@@ -50,7 +51,8 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
         pytest.skip("CPU kernel unavailable")
     else:
         monkeypatch.setenv("LOWBIT_OPTIM_BACKEND", "cpp")
-    monkeypatch.setattr(_cpu_kernel, "SCALAR_ONLY", impl == "kernel_scalar")
+    if impl == "kernel_scalar":
+        kernel_testing.use_variant(monkeypatch, scalar_only=True)
     monkeypatch.setattr(adam_mod, "_sr_seeds", lambda n: SEEDS[:n])
     hp = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     params = _make_params(dtype, seed)
