@@ -5,6 +5,7 @@ owns a copy of the params; steps are timed round-robin (one step of each optimiz
 all peers see the same machine load; the figure is the median per optimizer.
 
     .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] [--no-external]
+        [--baseline REV]   # also the lowbit optimizers with the C++ kernel of git revision REV, interleaved
 
 Quality (the demo's optimizer arm: tiny-model pretraining with fp32 AdamW, AdamW8bit, AdamWFp8,
 AdamW4bit; same steps, data, seed; final loss = mean of the last 20 training losses):
@@ -84,8 +85,56 @@ def peers(dtype, external=True):
     return out
 
 
-def run(dtype, rounds, slow_rounds, external=True):
+def baseline_arms(rev: str) -> dict:
+    """The lowbit optimizers with the C++ step of git revision ``rev`` (sources extracted to a temp dir and
+    built there), to time a kernel change against its parent in one run."""
+    import importlib.util
+    from pathlib import Path
+
+    from lowbit import optim as lo
+    from lowbit.optim import adam as adam_mod
+    from lowbit.optim import backend
+
+    repo = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit_baseline_"))
+    files = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", "-r", rev, "lowbit/optim/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if f == "lowbit/optim/_cpu_kernel.py" or f.startswith("lowbit/optim/csrc/"):
+            out = tmp / Path(f).relative_to("lowbit/optim")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{f}"], capture_output=True,
+                                           check=True).stdout)
+    spec = importlib.util.spec_from_file_location("lowbit.optim._cpu_kernel_baseline", tmp / "_cpu_kernel.py")
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    assert base.get() is not None, "baseline kernel did not build"
+
+    def with_baseline(opt):
+        step = opt.step
+
+        def baseline_step(*a, **k):
+            saved = adam_mod._cpu_kernel, backend._cpu_kernel
+            adam_mod._cpu_kernel = backend._cpu_kernel = base
+            try:
+                return step(*a, **k)
+            finally:
+                adam_mod._cpu_kernel, backend._cpu_kernel = saved
+
+        opt.step = baseline_step
+        return opt
+
+    return {
+        f"lowbit AdamW8bit @{rev}": (lambda ps: with_baseline(lo.AdamW8bit(ps, lr=1e-3)), ["lowbit AdamW8bit"]),
+        f"lowbit AdamW4bit @{rev}": (lambda ps: with_baseline(lo.AdamW4bit(ps, lr=1e-3)), ["lowbit AdamW4bit"]),
+        f"lowbit AdamWFp8 @{rev}": (lambda ps: with_baseline(lo.AdamWFp8(ps, lr=1e-3)), ["lowbit AdamWFp8"]),
+    }
+
+
+def run(dtype, rounds, slow_rounds, external=True, baseline=None):
     entries = peers(dtype, external)
+    if baseline:
+        entries.update(baseline_arms(baseline))
     opts, nparams = {}, 0
     for name, (make, _) in entries.items():
         try:
@@ -115,7 +164,7 @@ def run(dtype, rounds, slow_rounds, external=True):
     for name, o in opts.items():
         vs_peer = ""
         peer_names = entries[name][1] or []
-        vs_peer = ", ".join(f"{med[p] / med[name]:.1f}x vs {p}" for p in peer_names if p in med)
+        vs_peer = ", ".join(f"{med[p] / med[name]:.2f}x vs {p}" for p in peer_names if p in med)
         print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
               f"{state_bytes(o) / nparams:.3f} |")
 
@@ -175,6 +224,8 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-first-step", action="store_true")
     ap.add_argument("--no-external", action="store_true", help="skip the torchao / bitsandbytes peers")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also time the lowbit optimizers with the C++ kernel of git revision REV (interleaved)")
     ap.add_argument("--quality", action="store_true", help="run the tiny-model pretraining comparison")
     ap.add_argument("--workdir", default="lowbit_runs/bench_optim_quality")
     ap.add_argument("--optimizers", default=None, help="quality: comma-separated subset, e.g. adamw,adamwfp8")
@@ -187,7 +238,8 @@ def main():
     if not args.no_first_step:
         first_step()
     for d in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds, not args.no_external)
+        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds, not args.no_external,
+            args.baseline)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Build (at first use, cached) and call the fused C++ CPU step in ``csrc/adam_cpu.cpp``.
+"""Build (at first use, cached) and call the fused C++ CPU step in ``csrc/`` (see ``csrc/adam_cpu.cpp``).
 
-The library has a plain C ABI (no torch headers, so it builds in seconds) and is called through
-ctypes with raw pointers; the call releases the GIL and runs on ``torch.get_num_threads()``
-OpenMP threads. It is built with ``-march=native``, so the cache key includes the CPU flags.
-Set ``LOWBIT_NO_CPU_KERNEL=1`` to force the pure-torch step.
+The library has a plain C ABI (no torch headers, so it builds in seconds): one call takes a
+``lowbit_step_args`` struct (``csrc/abi.h``, mirrored by :class:`StepArgs`) of raw pointers, releases the
+GIL and runs on ``torch.get_num_threads()`` OpenMP threads. It is built with ``-march=native``, so the
+cache key includes the CPU flags. Set ``LOWBIT_NO_CPU_KERNEL=1`` to force the pure-torch step.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import hashlib
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -22,13 +24,38 @@ from lowbit.quant import blockwise
 
 from .formats import StateFormat
 
-_SRC = Path(__file__).parent / "csrc" / "adam_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno"]
 _lib = None
 _failed: str | None = None
-SCALAR_ONLY = False  # tests: run the kernel's scalar path everywhere (no AVX2 lanes)
-TABLE_ENCODE = False  # tests, benchmarks: encode 8-bit / 4-bit codes with the cell-table gather
-ALL_UNSURE = False  # tests: every lane of the 8-bit arithmetic encode is re-encoded by the table
+
+
+def _enum(name: str) -> dict[str, int]:
+    """``{member: value}`` of C enum ``name`` in ``csrc/abi.h`` (the one definition of the ABI's numbers)."""
+    text = (CSRC / "abi.h").read_text()
+    body = re.search(r"enum\s+" + name + r"\s*\{(.*?)\};", text, re.S)
+    return {k: int(v) for k, v in re.findall(r"^\s*LOWBIT_(\w+)\s*=\s*(\d+)\s*,", body.group(1), re.M)}
+
+
+StepFlag = enum.IntFlag("StepFlag", _enum("lowbit_step_flag"))
+"""Bits of ``StepArgs.flags``: ``MAXIMIZE``, ``COUPLED``, ``STOCHASTIC_ROUND``."""
+MODES = _enum("lowbit_mode")
+"""``{"MODE_FP32": 0, "MODE_Q8": 1, "MODE_Q4": 2, "MODE_FP8": 3}`` (``StateFormat.mode``)."""
+
+_P = ctypes.c_void_p
+
+
+class StepArgs(ctypes.Structure):
+    """``struct lowbit_step_args`` of ``csrc/abi.h`` (field for field; its size is checked at load)."""
+
+    _fields_ = [
+        ("n_params", ctypes.c_int64), ("mode", ctypes.c_int32), ("param_bf16", ctypes.c_int32),
+        ("block_size", ctypes.c_int64),
+        ("params", _P), ("grads", _P), ("m_data", _P), ("m_scale", _P), ("v_data", _P), ("v_scale", _P),
+        ("numels", _P), ("hyper", _P), ("seeds", _P),
+        ("qmap_m", _P), ("qmap_v", _P), ("table_m", _P), ("table_v", _P), ("meta_m", _P), ("meta_v", _P),
+        ("flags", ctypes.c_int32), ("num_threads", ctypes.c_int32),
+    ]
 
 
 def _cpu_id() -> str:
@@ -41,11 +68,14 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build() -> ctypes.CDLL:
+def build_library(source: Path, prefix: str) -> ctypes.CDLL:
+    """Compile ``source`` (a C++ file including ``csrc/`` headers) into a shared library, cached by the
+    contents of ``source`` and ``csrc/``, the flags and the CPU; load it and check the ABI struct's size."""
     from torch.utils import cpp_extension
 
-    key = hashlib.sha256((_SRC.read_text() + " ".join(_FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
-    name = f"lowbit_adam_cpu_{key}"
+    parts = [source.read_text()] + [f.read_text() for f in sorted(CSRC.glob("*.h"))]
+    key = hashlib.sha256(("".join(parts) + " ".join(_FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    name = f"{prefix}_{key}"
     root = Path(os.environ.get("LOWBIT_EXTENSIONS_DIR", Path.home() / ".cache" / "lowbit" / "extensions"))
     build_dir = root / name
     so = build_dir / f"{name}.so"
@@ -53,24 +83,20 @@ def _build() -> ctypes.CDLL:
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=name,
-            sources=[str(_SRC)],
+            sources=[str(source)],
             extra_cflags=_FLAGS,
+            extra_include_paths=[str(CSRC)],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
         )
     lib = ctypes.CDLL(str(so))
-    lib.lowbit_adam_step.restype = ctypes.c_int
-    P = ctypes.c_void_p
-    lib.lowbit_adam_step.argtypes = [
-        ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-        P, P, P, P, P, P, P, P, P, P, P, P, P, P, P,
-        ctypes.c_int, ctypes.c_int,
-    ]
-    lib.lowbit_encode_check.restype = ctypes.c_int64
-    lib.lowbit_encode_check.argtypes = [ctypes.c_int, P, P, P, ctypes.c_uint32, ctypes.c_uint32,
-                                        ctypes.POINTER(ctypes.c_uint32)]
+    size_fn = getattr(lib, "lowbit_step_args_size", None) or lib.lowbit_test_step_args_size
+    size_fn.restype = ctypes.c_int64
+    if size_fn() != ctypes.sizeof(StepArgs):
+        raise RuntimeError(f"{so}: struct lowbit_step_args is {size_fn()} bytes, StepArgs "
+                           f"{ctypes.sizeof(StepArgs)}: csrc/abi.h and _cpu_kernel.StepArgs disagree")
     return lib
 
 
@@ -83,7 +109,9 @@ def get() -> ctypes.CDLL | None:
         _failed = "LOWBIT_NO_CPU_KERNEL=1"
     else:
         try:
-            _lib = _build()
+            _lib = build_library(CSRC / "adam_cpu.cpp", "lowbit_adam_cpu")
+            _lib.lowbit_adam_step.restype = ctypes.c_int
+            _lib.lowbit_adam_step.argtypes = [ctypes.POINTER(StepArgs)]
         except Exception as e:  # no compiler, no ninja, build error
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     if _failed is not None:
@@ -94,6 +122,11 @@ def get() -> ctypes.CDLL | None:
             stacklevel=3,
         )
     return _lib
+
+
+def failure() -> str | None:
+    """Why the kernel is unavailable (``None`` if it loaded or was not tried yet)."""
+    return _failed
 
 
 def supports(p: Tensor, g: Tensor) -> bool:
@@ -110,8 +143,10 @@ def supports(p: Tensor, g: Tensor) -> bool:
 _tables: dict[str, tuple] = {}
 
 
-def _codec(name: str | None):
-    if name is None:  # fp8: decode table of all 256 e4m3 bit patterns
+def codec_tables(name: str | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(decode map fp32, encode cell table int32, meta int32 [a_lo, a_hi, shift, ncells])`` of codebook
+    ``name``; ``None`` (fp8): the e4m3 values of all 256 bit patterns and no encode table."""
+    if name is None:
         name = "__fp8__"
         if name not in _tables:
             q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -124,42 +159,19 @@ def _codec(name: str | None):
     return _tables[name]
 
 
-def encode_check(lib: ctypes.CDLL, name: str, u_lo: int, u_hi: int, qmap: Tensor | None = None,
-                 no_fallback: bool = False) -> tuple[int, int]:
-    """Compare the kernel's arithmetic encode with its cell-table encode on every finite fp32 bit
-    pattern in ``[u_lo, u_hi)`` and its negative (tests).
-
-    ``qmap``: build the arithmetic encode from this map instead of codebook ``name`` (the table
-    always comes from ``name``); ``no_fallback``: 8-bit maps skip the table re-encode of lanes in
-    the unsure band (a broken encode the check must catch). Returns ``(mismatches, first mismatching bit pattern)``;
-    mismatches is -1 where the map gets no arithmetic encode.
-    """
-    q, table, meta = _codec(name)
-    q = q if qmap is None else qmap.float().contiguous()
-    first = ctypes.c_uint32(0)
-    bits = blockwise.codebook_bits(name) | (256 if no_fallback else 0)
-    n = lib.lowbit_encode_check(bits, q.data_ptr(), table.data_ptr(), meta.data_ptr(),
-                                u_lo, u_hi, ctypes.byref(first))
-    return int(n), int(first.value)
-
-
 def _ptrs(ts: list[Tensor]):
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
 
-def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
-         block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool,
-         scalar_only: bool | None = None) -> None:
-    """Update ``params`` (same dtype, CPU, contiguous) and their states in one fused call.
-
-    ``hyper``: fp32 ``[len(params), 9]`` rows (see ``_torch_step.HYPER_FIELDS``); ``fmt=None`` for
-    fp32 states (then ``block_size`` is only the work granularity).
-    """
+def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
+              block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool,
+              stochastic: bool) -> tuple[StepArgs, list]:
+    """The kernel's argument struct for one bucket, and the objects it points into (keep them alive)."""
     if fmt is None:
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         ms = vs = None
-        mode = 0
+        mode = MODES["MODE_FP32"]
         cm = cv = (None, None, None)
     else:
         m = [s["exp_avg_codes"] for s in states]
@@ -167,23 +179,35 @@ def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: li
         ms = _ptrs([s["exp_avg_scale"] for s in states])
         vs = _ptrs([s[f"{fmt.v_key}_scale"] for s in states])
         mode = fmt.mode
-        cm, cv = _codec(fmt.m_codebook), _codec(fmt.v_codebook)
+        cm, cv = codec_tables(fmt.m_codebook), codec_tables(fmt.v_codebook)
     hyper = hyper.contiguous()
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     seeds_t = torch.tensor(seeds, dtype=torch.int64).to(torch.int32)  # low 32 bits
-    scalar_only = SCALAR_ONLY if scalar_only is None else scalar_only
-    flags = (1 if maximize else 0) | (2 if coupled else 0) | (4 if stochastic else 0) | (8 if scalar_only else 0)
-    flags |= (16 if TABLE_ENCODE else 0) | (32 if ALL_UNSURE else 0)
+    flags = ((StepFlag.MAXIMIZE if maximize else 0) | (StepFlag.COUPLED if coupled else 0)
+             | (StepFlag.STOCHASTIC_ROUND if stochastic else 0))
+    arrays = [_ptrs(params), _ptrs(grads), _ptrs(m), ms, _ptrs(v), vs]
 
     def ptr(t):
         return None if t is None else t.data_ptr()
 
-    rc = lib.lowbit_adam_step(
+    args = StepArgs(
         len(params), mode, 1 if params[0].dtype == torch.bfloat16 else 0, block_size,
-        _ptrs(params), _ptrs(grads), _ptrs(m), ms, _ptrs(v), vs,
+        *[ctypes.cast(a, _P) if a is not None else None for a in arrays],
         numels.data_ptr(), hyper.data_ptr(), seeds_t.data_ptr(),
-        ptr(cm[0]), ptr(cv[0]), ptr(cm[1]), ptr(cm[2]), ptr(cv[1]), ptr(cv[2]),
-        flags, torch.get_num_threads(),
+        ptr(cm[0]), ptr(cv[0]), ptr(cm[1]), ptr(cv[1]), ptr(cm[2]), ptr(cv[2]),
+        int(flags), torch.get_num_threads(),
     )
+    return args, [arrays, numels, hyper, seeds_t, cm, cv]
+
+
+def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
+         block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool) -> None:
+    """Update ``params`` (same dtype, CPU, contiguous) and their states in one fused call.
+
+    ``hyper``: fp32 ``[len(params), 9]`` rows (see ``_torch_step.HYPER_FIELDS``); ``fmt=None`` for
+    fp32 states (then ``block_size`` is only the work granularity).
+    """
+    args, _keep = make_args(params, grads, states, fmt, block_size, hyper, seeds, maximize, coupled, stochastic)
+    rc = lib.lowbit_adam_step(ctypes.byref(args))
     if rc != 0:
         raise RuntimeError(f"lowbit.optim CPU kernel rejected its arguments (code {rc})")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from . import _cpu_kernel, sharding
+from . import _cpu_kernel, backend, sharding
 from ._torch_step import hyper_row, torch_step
 from .formats import FORMATS, StateFormat, check_state, init_state, is_quantized
 
@@ -33,7 +33,20 @@ _MASK32 = 0xFFFFFFFF
 
 
 class _AdamLowBit(torch.optim.Optimizer):
-    """Shared implementation; subclasses fix ``_format`` and ``_decoupled``."""
+    """Adam / AdamW with blockwise-quantized moments; subclasses fix ``_format`` and ``_decoupled``.
+
+    Args:
+        params: parameters or param groups (named parameters too), fp32 / bf16 / fp16.
+        lr: float or 1-element Tensor. betas, eps, weight_decay: as ``torch.optim.AdamW``
+            (``weight_decay=None``: 1e-2 for the AdamW classes, 0 for the Adam ones).
+        amsgrad: must be False. maximize: step along the gradient.
+        block_size: elements per quantization block, a multiple of 8 up to 8192 (default 256; 4-bit 128).
+        min_quant_size: tensors with fewer elements keep fp32 state (default 4096).
+        bf16_stochastic_round: bf16 parameters: round the fp32 update stochastically.
+
+    The step runs as the fused C++ kernel on CPU, one Triton kernel per bucket on CUDA, or the pure-torch
+    step, all with the same bits (``lowbit.optim.backend``). State formats: ``lowbit.optim.formats``.
+    """
 
     _format: str = "8bit"
     _decoupled: bool = True
@@ -167,20 +180,25 @@ class _AdamLowBit(torch.optim.Optimizer):
                 state = sharding.local_views(state)
                 if p.numel() == 0:
                     continue
-            use_kernel = _cpu_kernel.supports(p, g)
-            buckets[(use_kernel, p.device, p.dtype, quant)].append((p, g, state, row))
+            impl = backend.choose(p, g, where)
+            buckets[(impl, p.device, p.dtype, quant)].append((p, g, state, row))
 
-        for (use_kernel, _device, dtype, quant), items in buckets.items():
+        for (impl, _device, dtype, quant), items in buckets.items():
             f: StateFormat | None = fmt if quant else None
             hyper = torch.tensor([it[3] for it in items], dtype=torch.float32)
             stochastic = sr and dtype == torch.bfloat16
             seeds = _sr_seeds(len(items)) if stochastic else [0] * len(items)
-            lib = _cpu_kernel.get() if use_kernel else None
-            if lib is not None:
-                _cpu_kernel.step(lib, [it[0] for it in items], [it[1] for it in items], [it[2] for it in items], f,
-                                 bs, hyper, seeds, group["maximize"], not self._decoupled, stochastic)
+            ps, gs, states = [it[0] for it in items], [it[1] for it in items], [it[2] for it in items]
+            if impl == "cpp":
+                _cpu_kernel.step(_cpu_kernel.get(), ps, gs, states, f, bs, hyper, seeds, group["maximize"],
+                                 not self._decoupled, stochastic)
+            elif impl == "triton":
+                from . import _triton_step
+
+                _triton_step.step(ps, gs, states, f, bs, hyper, seeds, group["maximize"], not self._decoupled,
+                                  stochastic)
             else:
-                for j, (p, g, state, _) in enumerate(items):
+                for j, (p, g, state) in enumerate(zip(ps, gs, states)):
                     torch_step(p, g, state, f, bs, hyper[j], group["maximize"], not self._decoupled, stochastic,
                                seeds[j])
         for p, p_full in gathered:
@@ -233,34 +251,59 @@ def _check_hparams(group: dict, where: str) -> None:
         raise TypeError(f"{where}: maximize must be a bool, got {group['maximize']!r}")
 
 
-def _doc(name: str, fmt: str, decoupled: bool) -> str:
-    bytes_ = {"8bit": "2", "4bit": "1", "fp8": "2"}[fmt]
-    wd = ("decoupled weight decay as torch.optim.AdamW (default 1e-2)" if decoupled
-          else "weight decay added to the gradient as torch.optim.Adam (default 0)")
-    return (
-        f"{'AdamW' if decoupled else 'Adam'} with {fmt} blockwise-quantized moments ({bytes_} B/param of state); "
-        f"{wd}.\n\n"
-        "Args: params, lr (float or 1-element Tensor), betas, eps, weight_decay, amsgrad (must be False),\n"
-        "maximize; block_size (elements per quantization block, multiple of 8; default "
-        f"{FORMATS[fmt].default_block_size}),\n"
-        "min_quant_size (tensors with fewer elements keep fp32 state; default 4096),\n"
-        "bf16_stochastic_round (bf16 params: round the fp32 update stochastically).\n"
-        "State formats: see lowbit.optim.formats. Parameters: fp32 or bf16 use the fused CPU kernel on CPU;\n"
-        "other dtypes and devices use the pure-torch step.\n"
-    )
+class AdamW8bit(_AdamLowBit):
+    """AdamW with 8-bit blockwise-quantized moments (2 B/param of state): dynamic-tree codes, block 256.
+
+    Decoupled weight decay as ``torch.optim.AdamW`` (default 1e-2). Arguments: see :class:`_AdamLowBit`.
+    """
+
+    _format = "8bit"
+    _decoupled = True
 
 
-def _make(name: str, fmt: str, decoupled: bool) -> type:
-    cls = type(name, (_AdamLowBit,), {"_format": fmt, "_decoupled": decoupled, "__doc__": _doc(name, fmt, decoupled)})
-    cls.__module__ = __name__
-    return cls
+class AdamW4bit(_AdamLowBit):
+    """AdamW with 4-bit blockwise-quantized moments (1 B/param of state): a dynamic-tree map for ``m``, a
+    zero-free linear map for ``v``, block 128.
+
+    Decoupled weight decay as ``torch.optim.AdamW`` (default 1e-2). Arguments: see :class:`_AdamLowBit`.
+    """
+
+    _format = "4bit"
+    _decoupled = True
 
 
-AdamW8bit = _make("AdamW8bit", "8bit", True)
-AdamW4bit = _make("AdamW4bit", "4bit", True)
-AdamWFp8 = _make("AdamWFp8", "fp8", True)
-Adam8bit = _make("Adam8bit", "8bit", False)
-Adam4bit = _make("Adam4bit", "4bit", False)
-AdamFp8 = _make("AdamFp8", "fp8", False)
+class AdamWFp8(_AdamLowBit):
+    """AdamW with e4m3 blockwise-scaled moments (2 B/param of state), the second one stored as ``sqrt(v)``.
+
+    Decoupled weight decay as ``torch.optim.AdamW`` (default 1e-2). Arguments: see :class:`_AdamLowBit`.
+    """
+
+    _format = "fp8"
+    _decoupled = True
+
+
+class Adam8bit(_AdamLowBit):
+    """Adam with 8-bit moments (as :class:`AdamW8bit`); weight decay added to the gradient as
+    ``torch.optim.Adam`` (default 0)."""
+
+    _format = "8bit"
+    _decoupled = False
+
+
+class Adam4bit(_AdamLowBit):
+    """Adam with 4-bit moments (as :class:`AdamW4bit`); weight decay added to the gradient as
+    ``torch.optim.Adam`` (default 0)."""
+
+    _format = "4bit"
+    _decoupled = False
+
+
+class AdamFp8(_AdamLowBit):
+    """Adam with e4m3 moments (as :class:`AdamWFp8`); weight decay added to the gradient as
+    ``torch.optim.Adam`` (default 0)."""
+
+    _format = "fp8"
+    _decoupled = False
+
 
 __all__ = ["AdamW8bit", "AdamW4bit", "AdamWFp8", "Adam8bit", "Adam4bit", "AdamFp8"]

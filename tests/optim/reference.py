@@ -151,6 +151,8 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
         new_state["exp_avg_sq"] = torch.from_numpy(V).view(p.shape)
     if p.dtype == torch.bfloat16:
         newp = to_bf16(P, stochastic, seed).view(p.shape)
+    elif p.dtype == torch.float16:
+        newp = torch.from_numpy(P).to(torch.float16).view(p.shape)  # nearest even
     else:
         newp = torch.from_numpy(P).view(p.shape)
     return newp, new_state

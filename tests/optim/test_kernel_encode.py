@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lowbit import optim as lo
-from lowbit.optim import _cpu_kernel
 from lowbit.quant import blockwise
+
+from . import kernel_testing
 
 BOOKS = ["dynamic8_signed", "dynamic8_unsigned", "dynamic4_signed", "linear4_unsigned"]
 ONE = 0x3F800000  # bits of 1.0
@@ -20,7 +21,7 @@ FINITE = 0x7F800000
 
 
 def _check(kernel, name, lo_, hi, qmap=None, no_fallback=False):
-    n, first = _cpu_kernel.encode_check(kernel, name, lo_, hi, qmap, no_fallback)
+    n, first = kernel_testing.encode_check(name, lo_, hi, qmap, no_fallback)
     assert n >= 0, f"{name}: no arithmetic encode"
     return n, first
 
@@ -83,8 +84,8 @@ def test_step_arith_vs_table_encode(kernel, monkeypatch, cls, mode):
     scales = [1.0, 1e-3, 30.0]
     outs = []
     for alt in (False, True):
-        monkeypatch.setattr(_cpu_kernel, "TABLE_ENCODE", alt and mode == "table")
-        monkeypatch.setattr(_cpu_kernel, "ALL_UNSURE", alt and mode == "all_unsure")
+        if alt:
+            kernel_testing.use_variant(monkeypatch, table_encode=mode == "table", all_unsure=mode == "all_unsure")
         sizes = [4099, 4096, 3000]  # a partial last block, whole blocks (pipelined path only), both
         ps = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(k)) * s)
               for k, (n, s) in enumerate(zip(sizes, scales))]

@@ -8,6 +8,7 @@ from lowbit import optim as lo
 from lowbit.optim import _cpu_kernel
 from lowbit.optim import adam as adam_mod
 
+from . import kernel_testing
 from .reference import bits_equal, reference_step
 
 CLASSES = {
@@ -25,23 +26,33 @@ def _make_params(dtype, seed):
     return [torch.nn.Parameter((torch.randn(s, generator=g) * sc).to(dtype)) for s, sc in zip(SHAPES, scales)]
 
 
-def _grads(params, step, seed):
+def _grads(params, step, seed, nonfinite=False):
     g = torch.Generator().manual_seed(seed * 100 + step)
     out = []
     for k, p in enumerate(params):
         x = torch.randn(p.shape, generator=g) * [1e-3, 1.0, 1e-6, 10.0, 1e-2, 0.3][k]
         x[x.abs() < 0.05 * x.abs().max()] = 0.0  # exact zeros too
+        if nonfinite and step == 1:  # NaN / inf elements in some blocks of some parameters
+            x.view(-1)[[5, 300 % x.numel()]] = float("nan")
+            x.view(-1)[-1] = float("inf") if k % 2 else -float("inf")
         out.append(x.to(p.dtype))
     return out
 
 
-def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, monkeypatch, steps=3, seed=0):
+def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, monkeypatch, steps=3, seed=0,
+         nonfinite=False):
+    """Train the SHAPES parameters with backend ``impl`` and compare every step with the reference."""
     if impl == "torch":
-        monkeypatch.setattr(_cpu_kernel, "_lib", None)
-        monkeypatch.setattr(_cpu_kernel, "_failed", "test")
+        monkeypatch.setenv("LOWBIT_OPTIM_BACKEND", "torch")
+    elif impl == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("LOWBIT_OPTIM_BACKEND", "triton")
     elif _cpu_kernel.get() is None:
         pytest.skip("CPU kernel unavailable")
-    monkeypatch.setattr(_cpu_kernel, "SCALAR_ONLY", impl == "kernel_scalar")
+    else:
+        monkeypatch.setenv("LOWBIT_OPTIM_BACKEND", "cpp")
+    if impl == "kernel_scalar":
+        kernel_testing.use_variant(monkeypatch, scalar_only=True)
     monkeypatch.setattr(adam_mod, "_sr_seeds", lambda n: SEEDS[:n])
     hp = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     params = _make_params(dtype, seed)
@@ -50,7 +61,7 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
                                     bf16_stochastic_round=stochastic)
     ref_s = None
     for step in range(steps):
-        grads = _grads(params, step, seed)
+        grads = _grads(params, step, seed, nonfinite)
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()

@@ -1,0 +1,370 @@
+"""The fused Adam step as one Triton kernel launch per bucket of parameters (CUDA; CPU via the interpreter).
+
+A bucket is the parameters of one param group with the same device, dtype and state kind (quantized or
+fp32). One launch updates all of them: the kernel reads a table of addresses and sizes (built once per
+set of tensors and cached on the device) and a per-step table (gradient addresses, stochastic-rounding
+seeds, the nine fp32 hyper-parameters of each parameter) copied to the device without a host sync. Every
+program updates ``ROWS`` whole quantization blocks of one parameter: decode, the fp32 Adam update, the
+new per-block absmax, encode. Learning rate, step and shapes are data, not compile-time constants, so
+they never recompile the kernel.
+
+Numerics are those of the reference step (``lowbit.optim._torch_step``, tests/optim/reference.py), op by
+op: fp32 multiplies and adds launched with ``enable_fp_fusion=False`` (no FMA contraction), correctly
+rounded ``sqrt_rn`` / ``div_rn``, no denormal flushing, the exact nearest code from one load of the codebook's cell
+table (``lowbit.quant.blockwise.encode_cell_table``, as the C++ kernel's table encode), e4m3 encode and
+decode and bf16 rounding by integer bit manipulation. Every such operation has one correct result, so the
+interpreter (numpy, which the CPU tests run) and the GPU compute the same bits.
+
+The kernels are built twice from the same functions: compiled (``JITFunction``) for CUDA tensors and
+interpreted (``InterpretedFunction``) for CPU tensors, whatever ``TRITON_INTERPRET`` says. So the device
+code calls only Triton builtins and its own functions: ``tl.max`` and other ``@triton.jit`` library
+functions were wrapped for one mode when triton was imported and cannot be called from the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.quant import blockwise
+
+from .formats import FP32_MODE, StateFormat
+
+ELEMS = 2048  # elements per program (ROWS blocks of BLOCK lanes)
+NUM_WARPS = 8
+# table layouts (constants of the device code too)
+STATIC_COLS = tl.constexpr(6)  # per parameter: param, m, v, m scale, v scale addresses, numel
+STEP_COLS = tl.constexpr(7)  # per parameter: gradient address, seed, then 9 fp32 hyper-parameters ...
+HYPER_SLOT = tl.constexpr(4)  # ... at fp32 slots 4..12
+_PKIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# ------------------------------------------------------------------------------------------ device code
+# Plain functions: ``kernel()`` wraps them as Triton functions (compiled or interpreted).
+
+
+def _ptr(addr, dtype: tl.constexpr):
+    return addr.to(tl.pointer_type(dtype), bitcast=True)
+
+
+def _load_float(addr, e, mask, PKIND: tl.constexpr):
+    """Elements ``e`` of the fp32 / bf16 / fp16 tensor at ``addr`` as fp32 (exact)."""
+    if PKIND == 1:
+        u = tl.load(_ptr(addr, tl.uint16) + e, mask=mask, other=0)
+        return (u.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif PKIND == 2:
+        return tl.load(_ptr(addr, tl.float16) + e, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(_ptr(addr, tl.float32) + e, mask=mask, other=0.0)
+
+
+def _rand16(index, seed):
+    """16 random bits from a counter hash of (element index, seed), as ``_torch_step.rand16``."""
+    z = index.to(tl.uint32) * 0x9E3779B1 + seed
+    z = z ^ (z >> 16)
+    z = z * 0x7FEB352D
+    z = z ^ (z >> 15)
+    z = z * 0x846CA68B
+    z = z ^ (z >> 16)
+    return z >> 16
+
+
+def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr):
+    """Store fp32 ``x``: as is, rounded to fp16 (nearest even), or to bf16 (nearest even / stochastic)."""
+    if PKIND == 1:
+        b = x.to(tl.uint32, bitcast=True)
+        if SR:
+            r = _rand16(e, seed)
+        else:
+            r = 0x7FFF + ((b >> 16) & 1)
+        out = tl.where(x != x, 0x7FC0, (b + r) >> 16)
+        tl.store(_ptr(addr, tl.uint16) + e, out.to(tl.uint16), mask=mask)
+    elif PKIND == 2:
+        tl.store(_ptr(addr, tl.float16) + e, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(_ptr(addr, tl.float32) + e, x, mask=mask)
+
+
+def _decode_fp8(c):
+    """e4m3fn bits (uint8) -> fp32, exactly (normals by moving the bits, subnormals m * 2**-9)."""
+    b = c.to(tl.uint32)
+    mag = b & 0x7F
+    normal = ((mag << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    x = tl.where(mag < 8, mag.to(tl.float32) * 0.001953125, normal)
+    x = tl.where(mag == 0x7F, float("nan"), x)
+    return tl.where((b & 0x80) != 0, -x, x)
+
+
+def _encode_fp8(y):
+    """Finite fp32 -> e4m3fn bits: saturate to +-448, round to nearest even (as torch's cast)."""
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    b = y.to(tl.uint32, bitcast=True)
+    sign = (b >> 24) & 0x80
+    a = b & 0x7FFFFFFF
+    af = a.to(tl.float32, bitcast=True)
+    # subnormal: |y| + 2**14 rounds |y| to a multiple of 2**-9 (the ulp at 2**14), ties to even
+    sub = (af + 16384.0).to(tl.uint32, bitcast=True) - 0x46800000
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    return (tl.where(af < 0.015625, sub, normal) | sign).to(tl.uint8)
+
+
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+def _nearest_code(y, t_ptr):
+    """The exact nearest code (ties up) of finite ``y`` in [-1, 1] from one load of the codebook's cell table
+    (``lowbit.quant.blockwise.encode_cell_table``; ``t_ptr``: a_lo, a_hi, shift, ncells, then the table)."""
+    a_lo = tl.load(t_ptr)
+    a_hi = tl.load(t_ptr + 1)
+    shift = tl.load(t_ptr + 2)
+    ncells = tl.load(t_ptr + 3)
+    b = y.to(tl.int32, bitcast=True)
+    neg = b >> 31  # arithmetic shift: -1 for negative y, else 0
+    a = tl.minimum(tl.maximum(b & 0x7FFFFFFF, a_lo), a_hi) - a_lo
+    mask = (1 << shift) - 1
+    entry = tl.load(t_ptr + 4 + (a >> shift) + (neg & ncells)).to(tl.uint32)
+    off = ((a & mask) ^ (neg & mask)).to(tl.uint32)
+    return (entry >> 23).to(tl.int32) - (off < (entry & 0x7FFFFF)).to(tl.int32)
+
+
+def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr):
+    """Moment values ``code value * block scale`` of elements ``e``."""
+    if MODE == 3:
+        c = tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0)
+        q = _decode_fp8(c)
+    elif MODE == 2:
+        byte = tl.load(_ptr(addr, tl.uint8) + (e >> 1), mask=mask, other=0).to(tl.int32)
+        q = tl.load(qmap_ptr + ((byte >> ((e & 1) * 4).to(tl.int32)) & 15))
+    else:
+        q = tl.load(qmap_ptr + tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0).to(tl.int32))
+    return q * scale
+
+
+def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Blockwise-quantize ``x`` ([ROWS, BLOCK], one block per row) and store codes and scales.
+
+    Non-finite elements are stored as the code of 0 and stay out of the block's absmax."""
+    x = tl.where((tl.abs(x) <= 3.4028234663852886e38) & valid, x, 0.0)
+    scale = tl.maximum(tl.reduce(tl.abs(x), 1, _max), 1e-30)
+    if MODE == 3:
+        scale = tl.div_rn(scale, tl.full(scale.shape, 448.0, tl.float32))
+    inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    y = x * inv[:, None]
+    tl.store(_ptr(scale_addr, tl.float32) + blk, scale, mask=blk * bs < n)
+    if MODE == 3:
+        tl.store(_ptr(codes_addr, tl.uint8) + e, _encode_fp8(y), mask=valid)
+    elif MODE == 2:
+        code = tl.where(valid, _nearest_code(y, t_ptr), 0)
+        lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
+        k = tl.arange(0, BLOCK // 2)[None, :]
+        first = blk[:, None] * bs + 2 * k  # the even element of each byte
+        tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
+                 mask=(2 * k < bs) & (first < n))
+    else:
+        tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
+
+
+def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_ptr, tv_ptr, bs,
+                 MODE: tl.constexpr, PKIND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, SR: tl.constexpr):
+    # which parameter, which blocks
+    pid = tl.program_id(0)
+    j = tl.load(prog_ptr + 2 * pid)
+    blk = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, ROWS)  # int64 [ROWS]
+    row = static_ptr + STATIC_COLS * j
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    v_addr = tl.load(row + 2)
+    n = tl.load(row + 5)
+    g_addr = tl.load(step_ptr + STEP_COLS * j)
+    seed = tl.load(step_ptr + STEP_COLS * j + 1).to(tl.uint32)
+    h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
+    b1 = tl.load(h)
+    omb1 = tl.load(h + 1)
+    b2 = tl.load(h + 2)
+    omb2 = tl.load(h + 3)
+    eps = tl.load(h + 4)
+    step_size = tl.load(h + 5)
+    inv_bc2_sqrt = tl.load(h + 6)
+    decay = tl.load(h + 7)
+    wd = tl.load(h + 8)
+
+    col = tl.arange(0, BLOCK)[None, :]
+    e = blk[:, None] * bs + col
+    valid = (col < bs) & (e < n)
+    p = _load_float(p_addr, e, valid, PKIND)
+    g = _load_float(g_addr, e, valid, PKIND)
+    if MODE == 0:
+        m = tl.load(_ptr(m_addr, tl.float32) + e, mask=valid, other=0.0)
+        v = tl.load(_ptr(v_addr, tl.float32) + e, mask=valid, other=0.0)
+    else:
+        rows_valid = blk * bs < n
+        ms_addr = tl.load(row + 3)
+        vs_addr = tl.load(row + 4)
+        sm = tl.load(_ptr(ms_addr, tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+        sv = tl.load(_ptr(vs_addr, tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+        m = _decode(m_addr, sm, e, valid, qm_ptr, MODE)
+        v = _decode(v_addr, sv, e, valid, qv_ptr, MODE)
+        if MODE == 3:  # stored: sqrt(v)
+            v = v * v
+
+    # the update, in the reference's order (lowbit.optim._torch_step.adam_math)
+    if MAXIMIZE:
+        g = -g
+    if COUPLED:
+        g = g + wd * p
+    m = b1 * m + omb1 * g
+    v = b2 * v + omb2 * (g * g)
+    p = p * decay
+    r = tl.sqrt_rn(v)
+    u = tl.where(v == 0.0, 0.0, tl.div_rn(m, r * inv_bc2_sqrt + eps))  # no step where v == 0
+    p = p - step_size * u
+    _store_param(p_addr, e, valid, p, seed, PKIND, SR)
+
+    if MODE == 0:
+        tl.store(_ptr(m_addr, tl.float32) + e, m, mask=valid)
+        tl.store(_ptr(v_addr, tl.float32) + e, v, mask=valid)
+    else:
+        if MODE == 3:
+            v = r
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, MODE, ROWS, BLOCK)
+        _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK)
+
+
+_DEVICE_FUNCS = ("_max", "_ptr", "_load_float", "_rand16", "_store_param", "_decode_fp8", "_encode_fp8", "_nearest_code",
+                 "_decode", "_quantize_store")
+_kernels: dict[bool, object] = {}
+
+
+def kernel(interpret: bool):
+    """The step kernel, compiled (CUDA tensors) or interpreted (CPU tensors); built once each.
+
+    Each variant gets its own copies of the device functions, wrapped the same way: a compiled kernel
+    calls compiled functions, an interpreted one interpreted functions."""
+    if interpret not in _kernels:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        wrap = InterpretedFunction if interpret else JITFunction
+        names = {**dict.fromkeys(_DEVICE_FUNCS), "_adam_kernel": None}
+        scope = dict(globals())
+        for name in names:
+            f = globals()[name]
+            scope[name] = wrap(types.FunctionType(f.__code__, scope, name, f.__defaults__))
+        if interpret:  # the interpreter reduces with numpy only for the library's own max (same result)
+            scope["_max"] = tl.standard._elementwise_max
+        _kernels[interpret] = scope["_adam_kernel"]
+    return _kernels[interpret]
+
+
+# ------------------------------------------------------------------------------------------ host side
+_tables: OrderedDict[tuple, tuple[Tensor, Tensor, int]] = OrderedDict()
+_books: dict[tuple, Tensor] = {}
+MAX_TABLES = 64
+
+
+def _book(kind: str, name: str | None, device: torch.device) -> Tensor:
+    """On ``device``: a codebook (``"q"``, fp32) or its encode cell table (``"t"``, int32: a_lo, a_hi, shift,
+    ncells, then the table)."""
+    key = (kind, name, device)
+    if key not in _books:
+        if name is None:  # fp8: no tables
+            t = torch.zeros(1)
+        elif kind == "q":
+            t = blockwise.codebook(name)
+        else:
+            table, meta = blockwise.encode_cell_table(name)
+            head = torch.tensor([meta["a_lo"], meta["a_hi"], meta["shift"], meta["ncells"]], dtype=torch.int32)
+            t = torch.cat([head, table])
+        _books[key] = t.to(device)
+    return _books[key]
+
+
+def _table(device: torch.device, static: tuple[tuple[int, ...], ...], bs: int, rows: int) -> tuple[Tensor, Tensor]:
+    """Device tensors of the static table and the program map (parameter, first block), cached."""
+    key = (device, bs, rows, static)
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    progs = []
+    for j, entry in enumerate(static):
+        nb = -(-entry[5] // bs)
+        progs += [(j, b) for b in range(0, nb, rows)]
+    hit = (torch.tensor(static, dtype=torch.int64).to(device),
+           torch.tensor(progs, dtype=torch.int64).reshape(-1, 2).to(device))
+    _tables[key] = hit
+    if len(_tables) > MAX_TABLES:
+        _tables.popitem(last=False)
+    return hit
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)  # no host sync
+    return t.to(device)
+
+
+def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None, block_size: int,
+         hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool) -> None:
+    """Update ``params`` (one device and dtype, contiguous) and their states with one kernel launch.
+
+    ``hyper``: fp32 ``[len(params), 9]`` (``_torch_step.HYPER_FIELDS``); ``fmt=None``: fp32 states.
+    """
+    device = params[0].device
+    if fmt is None:
+        bs = ELEMS
+        keys = ("exp_avg", "exp_avg_sq", None, None)
+        mode, books = FP32_MODE, (None, None)
+    else:
+        bs = block_size
+        keys = ("exp_avg_codes", f"{fmt.v_key}_codes", "exp_avg_scale", f"{fmt.v_key}_scale")
+        mode, books = fmt.mode, (fmt.m_codebook, fmt.v_codebook)
+    block = triton.next_power_of_2(bs)
+    rows = max(1, ELEMS // block)
+    static = tuple(
+        (p.data_ptr(), *(s[k].data_ptr() if k else 0 for k in keys), p.numel())
+        for p, s in zip(params, states) if p.numel() > 0
+    )
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not live:
+        return
+    table, progs = _table(device, static, bs, rows)
+
+    per_step = torch.zeros((len(live), STEP_COLS.value), dtype=torch.int64)
+    per_step[:, 0] = torch.tensor([grads[i].data_ptr() for i in live], dtype=torch.int64)
+    per_step[:, 1] = torch.tensor([seeds[i] & 0xFFFFFFFF for i in live], dtype=torch.int64)
+    per_step.view(torch.float32)[:, HYPER_SLOT.value:HYPER_SLOT.value + 9] = hyper[live]
+    step_t = _to_device(per_step, device)
+
+    interpret = device.type != "cuda"
+    grid = (progs.shape[0],)
+    with _quiet_numpy() if interpret else contextlib.nullcontext():
+        _launch(kernel(interpret)[grid], table, step_t, progs, books, device, bs, mode, params[0].dtype, block, rows,
+                maximize, coupled, stochastic)
+
+
+def _quiet_numpy():
+    import numpy as np  # the interpreter's arithmetic: NaN and inf are data here, not errors
+
+    return np.errstate(all="ignore")
+
+
+def _launch(launcher, table, step_t, progs, books, device, bs, mode, dtype, block, rows, maximize, coupled,
+            stochastic):
+    launcher(
+        table, step_t, step_t.view(torch.float32), progs,
+        _book("q", books[0], device), _book("q", books[1], device),
+        _book("t", books[0], device), _book("t", books[1], device), bs,
+        MODE=mode, PKIND=_PKIND[dtype], BLOCK=block, ROWS=rows,
+        MAXIMIZE=bool(maximize), COUPLED=bool(coupled), SR=bool(stochastic and dtype == torch.bfloat16),
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
