@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lowbit.recipes.errors import UsageError
+
 RECIPE_DIR = Path(__file__).parent
 
 
@@ -23,7 +25,7 @@ def known_recipes() -> list[str]:
 
 def _check_recipe(name: str) -> str:
     if name not in known_recipes():
-        raise SystemExit(f"lowbit: unknown recipe {name!r}; known recipes: {known_recipes()}")
+        raise UsageError(f"unknown recipe {name!r}; known recipes: {known_recipes()}")
     return name
 
 
@@ -45,12 +47,12 @@ def _run(argv: list[str]) -> int:
 
     recipe_idx = next((i for i, a in enumerate(argv) if a in known_recipes() or a.endswith("_recipe")), None)
     if recipe_idx is None or "--config" not in argv:
-        raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]; "
+        raise UsageError("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]; "
                          f"recipes: {known_recipes()}")
     recipe = _check_recipe(argv[recipe_idx])
     cfg_idx = argv.index("--config")
     if cfg_idx < recipe_idx or cfg_idx + 1 >= len(argv):
-        raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]")
+        raise UsageError("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]")
     # torchrun options may come before or after the recipe name; tune run wants them before it.
     launcher = argv[:recipe_idx] + argv[recipe_idx + 1:cfg_idx]
     config = str(resolve_config_path(argv[cfg_idx + 1]).resolve())
@@ -95,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:]) or 0
+    try:
+        return commands[argv[0]](argv[1:]) or 0
+    except (Exception, KeyboardInterrupt) as e:
+        from lowbit.recipes.errors import exit_status
+
+        return exit_status(f"lowbit {argv[0]}", e)
 
 
 if __name__ == "__main__":
