@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
                            group_size=a.group_size,
                            dtype=DTYPE_NAMES[a.dtype])
     except (FileNotFoundError, ValueError) as e:
+        from lowbit.data import DataError
+        from lowbit.models.checksums import CorruptCheckpointError
+
         print(f"lowbit eval: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DataError | CorruptCheckpointError) else 2  # bad files vs. bad arguments
     print(make_table(results))
     info = results["lowbit"]
     print(f"checkpoint: {info['checkpoint']}  scheme: {info['scheme'] or 'none (float)'}  compiled: {info['compiled']}")

@@ -37,9 +37,9 @@ def test_truncated_weights_are_named_by_eval_and_skipped_by_resume(two_checkpoin
     with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {newest} is corrupt: model\.safetensors has "
                                                      r"100 bytes, checksums\.json recorded \d+"):
         load_checkpoint(run)
-    from lowbit.eval.cli import main as eval_main  # `lowbit eval --checkpoint RUN`: one line, status 2
+    from lowbit.eval.cli import main as eval_main  # `lowbit eval --checkpoint RUN`: one line, status 1
 
-    assert eval_main(["--checkpoint", str(run)]) == 2
+    assert eval_main(["--checkpoint", str(run)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"lowbit eval: error: checkpoint {newest} is corrupt: model.safetensors has 100 bytes")
 
