@@ -126,10 +126,10 @@ class TrainingRecipe:
             tok_dir = Path(cfg.tokenizer.path)
         else:
             tok_dir = self.output_dir / "tokenizer"
+            if cfg.tokenizer.vocab_size is None and not (tok_dir / "tokenizer.json").exists():
+                raise ConfigError("config key 'tokenizer.vocab_size' is null, but without tokenizer.path or "
+                                  "base_checkpoint a tokenizer must be trained: set its vocabulary size")
             if self.rt.is_main and not (tok_dir / "tokenizer.json").exists():
-                if cfg.tokenizer.vocab_size is None:
-                    raise ConfigError("config key 'tokenizer.vocab_size' is null, but without tokenizer.path or "
-                                      "base_checkpoint a tokenizer must be trained: set its vocabulary size")
                 train_bpe_tokenizer(self._texts(), cfg.tokenizer.vocab_size, tok_dir)
             self.rt.barrier()
         tokenizer = load_tokenizer(tok_dir)
