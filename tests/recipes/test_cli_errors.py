@@ -4,7 +4,12 @@ torchtune's `tune run`, as the console script does."""
 
 import sys
 
+import pytest
+
 from lowbit.recipes.cli import main
+
+# `tune run` executes the recipe module as __main__ although this process has imported it: intended here
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 
 
 def lowbit(argv, monkeypatch, capsys):

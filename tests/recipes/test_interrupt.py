@@ -95,3 +95,40 @@ def test_command_line_exits_130_with_the_message_as_last_line(tmp_path):
         "(continue with resume=true)")
     assert "Traceback" not in proc.stderr
     assert [c.name for c in list_checkpoints(out)] == ["step_000002"] and no_temporary_dirs(out)
+
+
+def test_kill_9_during_a_write_then_resume_reproduces_the_uninterrupted_losses(tmp_path, small_run):
+    """SIGKILL (no handler runs) while DCP writes step 4: step 2 stays intact, the leftover temporary
+    directory is removed by the next start, and resume=true gives the losses of an uninterrupted run."""
+    import json
+
+    import torch
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "import torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        "import torch.distributed.checkpoint.filesystem as fs\n"
+        "real = fs._write_item\n"
+        "def write_item(transforms, stream, *args, **kwargs):\n"
+        "    if '.tmp-step_000004' in str(getattr(stream, 'name', '')):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(transforms, stream, *args, **kwargs)\n"
+        "fs._write_item = write_item\n"
+    )
+    args = [*small_run, "max_steps=6", "checkpoint_every=2"]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "lowbit.recipes.cli", "run", "finetune_recipe", "--config",
+                           "tiny_pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [c.name for c in list_checkpoints(out)] == ["step_000002"]
+    assert (out / "checkpoints" / ".tmp-step_000004").exists()  # what the killed write left behind
+
+    resumed = run_recipe("finetune_recipe", "tiny_pretrain", [*args, "resume=true"])
+    full = run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=6", f"output_dir={tmp_path / 'full'}"])
+    assert resumed.step == 6 and no_temporary_dirs(out)
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(full.losses, abs=1e-6) and len(logged) == 6
