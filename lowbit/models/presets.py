@@ -11,17 +11,31 @@ import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
-from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.llama3_2 import llama3_2
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import RotaryPositionalEmbeddings, TransformerDecoder
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (Hugging Face ``rope_scaling`` with ``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+LLAMA3_1_ROPE = RopeScaling(factor=8.0)
+LLAMA3_2_ROPE = RopeScaling(factor=32.0)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Shape of a Llama-architecture decoder (the arguments of torchtune's ``llama3_2`` builder).
+    """Shape of a Llama-architecture decoder (the arguments of torchtune's Llama builders).
 
-    ``family`` picks the builder: ``llama3_2`` (RoPE scale factor 32, optional tied embeddings) or
-    ``llama3_1`` (scale factor 8, untied output head).
+    ``rope_scaling`` is ``None`` for plain RoPE (Llama-2, SmolLM, Llama-3.0, ...) or the Llama-3
+    frequency scaling (Llama-3.1: factor 8; Llama-3.2: factor 32).
     """
 
     vocab_size: int
@@ -34,17 +48,27 @@ class ModelArgs:
     rope_base: int = 500_000
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
-    family: str = "llama3_2"
+    rope_scaling: RopeScaling | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelArgs:
+        d = dict(d)
+        family = d.pop("family", None)  # checkpoints written before rope_scaling existed
+        if family is not None:
+            if "rope_scaling" in d:
+                raise ValueError("give 'rope_scaling' or the legacy 'family', not both")
+            if family not in ("llama3_1", "llama3_2"):
+                raise ValueError(f"unknown model family {family!r}; expected 'llama3_1' or 'llama3_2'")
+            d["rope_scaling"] = LLAMA3_1_ROPE if family == "llama3_1" else LLAMA3_2_ROPE
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model argument(s) {unknown}; expected a subset of {sorted(known)}")
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 
 
@@ -53,24 +77,25 @@ PRESETS: dict[str, ModelArgs] = {
     # generated task in a few minutes on 2 CPU cores. Every dim is a multiple of 32 (QAT groups, float8).
     "tiny": ModelArgs(
         vocab_size=1024, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128,
-        intermediate_dim=384, max_seq_len=256,
+        intermediate_dim=384, max_seq_len=256, rope_scaling=LLAMA3_2_ROPE,
     ),
     # ~170M parameters, Llama-shaped, for CPU decode/prefill throughput benchmarks.
     "small_150m": ModelArgs(
         vocab_size=32_000, num_layers=12, num_heads=16, num_kv_heads=4, embed_dim=1024,
-        intermediate_dim=2816, max_seq_len=2048,
+        intermediate_dim=2816, max_seq_len=2048, rope_scaling=LLAMA3_2_ROPE,
     ),
     "llama3_2_1b": ModelArgs(
         vocab_size=128_256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
-        intermediate_dim=8192, max_seq_len=131_072,
+        intermediate_dim=8192, max_seq_len=131_072, rope_scaling=LLAMA3_2_ROPE,
     ),
     "llama3_2_3b": ModelArgs(
         vocab_size=128_256, num_layers=28, num_heads=24, num_kv_heads=8, embed_dim=3072,
-        intermediate_dim=8192, max_seq_len=131_072,
+        intermediate_dim=8192, max_seq_len=131_072, rope_scaling=LLAMA3_2_ROPE,
     ),
     "llama3_1_8b": ModelArgs(
         vocab_size=128_256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
-        intermediate_dim=14_336, max_seq_len=131_072, tie_word_embeddings=False, family="llama3_1",
+        intermediate_dim=14_336, max_seq_len=131_072, tie_word_embeddings=False,
+        rope_scaling=LLAMA3_1_ROPE,
     ),
 }
 
@@ -92,19 +117,31 @@ def build_model(preset: str | ModelArgs, **overrides) -> TransformerDecoder:
     """
     args = get_preset(preset) if isinstance(preset, str) else preset
     if overrides:
-        args = dataclasses.replace(args, **overrides)
-    common = dict(
+        args = ModelArgs.from_dict({**args.to_dict(), **overrides})
+    model = llama3_2(
         vocab_size=args.vocab_size, num_layers=args.num_layers, num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads, embed_dim=args.embed_dim, max_seq_len=args.max_seq_len,
         intermediate_dim=args.intermediate_dim, rope_base=args.rope_base, norm_eps=args.norm_eps,
+        tie_word_embeddings=args.tie_word_embeddings,
     )
-    if args.family == "llama3_2":
-        return llama3_2(**common, tie_word_embeddings=args.tie_word_embeddings)
-    if args.family == "llama3_1":
-        if args.tie_word_embeddings:
-            raise ValueError("family 'llama3_1' has an untied output head; set tie_word_embeddings=False")
-        return llama3_1(**common)
-    raise ValueError(f"unknown model family {args.family!r}; expected 'llama3_2' or 'llama3_1'")
+    # The builder hard-codes Llama-3.2's scaling; every layer shares one RoPE module: swap it.
+    rope = build_rope(args)
+    for layer in model.layers:
+        layer.attn.pos_embeddings = rope
+    return model
+
+
+def build_rope(args: ModelArgs) -> nn.Module:
+    """The RoPE module ``args`` declares: plain, or with Llama-3 frequency scaling."""
+    head_dim = args.embed_dim // args.num_heads
+    s = args.rope_scaling
+    if s is None:
+        return RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=args.max_seq_len, base=args.rope_base)
+    return Llama3ScaledRoPE(
+        dim=head_dim, max_seq_len=args.max_seq_len, base=args.rope_base, scale_factor=s.factor,
+        low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+        old_context_len=s.original_max_position_embeddings,
+    )
 
 
 def num_params(model: nn.Module) -> int:

@@ -2,8 +2,9 @@
 
 A schema is a dataclass (OmegaConf structured config). ``metadata`` on a field adds what a type
 cannot say: ``min`` / ``max`` (inclusive), ``choices``, ``component`` (a ``_component_`` node whose
-other keys are its kwargs) and ``path`` (a path that must exist when set; checked by
-:func:`check_paths`, at the start of ``setup``, so that a config can be inspected on another machine).
+other keys are its kwargs) and ``path`` (a path that must exist when set, unless it is ``generated`` /
+a model name where ``path`` says so; checked by :func:`check_paths` at the start of ``setup``, so that
+a config can be inspected on another machine).
 
 :func:`validate_config` checks a loaded config against a schema before anything is built or written;
 every error names the key, the bad value, what was expected, and the file or override it came from.
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lowbit.float8.config import FLOAT8_DTYPES
 from lowbit.float8.config import RECIPES as FLOAT8_RECIPES
+from lowbit.models.checkpoint import MODEL_NAMES
 from lowbit.models.presets import PRESETS
 from lowbit.recipes.config import HIDDEN_KEYS, ConfigError, origin
 
@@ -67,7 +69,7 @@ class TrainingConfig:
     output_dir: str = MISSING
     seed: int = _f(0, min=0)
     model: ModelSection = _f(factory=ModelSection)
-    base_checkpoint: str | None = _f(None, path=True)
+    base_checkpoint: str | None = _f(None, path="or model name")  # lowbit / HF dir, GGUF file, MODEL_NAMES
     tokenizer: TokenizerSection = _f(factory=TokenizerSection)
     data: DataSection = _f(factory=DataSection)
     batch_size: int = _f(min=1)
@@ -229,7 +231,10 @@ def check_paths(cfg: DictConfig, schema: type) -> None:
                 continue
             if _section(tp) is not None:
                 walk(value, _section(tp), dotted + ".")
-            elif kind and not (kind == "unless generated" and value == "generated") and not Path(value).exists():
-                raise ConfigError(f"config key {dotted!r} in {origin(cfg, dotted)}: path {value!r} does not exist")
+            elif kind and not Path(value).exists():
+                if kind == "unless generated" and value == "generated" or kind == "or model name" and value in MODEL_NAMES:
+                    continue
+                names = f" and is not one of the model names {sorted(MODEL_NAMES)}" if kind == "or model name" else ""
+                raise ConfigError(f"config key {dotted!r} in {origin(cfg, dotted)}: path {value!r} does not exist{names}")
 
     walk(cfg, schema, "")

@@ -117,7 +117,7 @@ class TrainingRecipe:
         cfg = self.cfg
         if cfg.get("base_checkpoint"):
             model, tokenizer, meta = load_checkpoint(cfg.base_checkpoint)
-            tok_dir = Path(meta["path"]) / "tokenizer" if meta["format"] != "huggingface" else Path(meta["path"])
+            tok_dir = Path(meta["tokenizer_dir"])
             return model.train(), tokenizer, tok_dir, ModelArgs.from_dict(meta["model_args"])
         args = get_preset(cfg.model.preset)
         if cfg.model.get("overrides"):
