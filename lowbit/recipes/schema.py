@@ -79,7 +79,7 @@ class TrainingConfig:
     lr_scheduler: dict[str, Any] | None = _f(None, component=True)
     clip_grad_norm: float | None = _f(None, min=0.0)
     dtype: str = _f("fp32", choices=("fp32", "bf16"))
-    device: str | None = _f("cpu", choices=("cpu", "cuda", "auto"))
+    device: str | None = _f(None, choices=("cpu", "cuda", "auto"))  # null: auto
     compile: bool = False
     float8: Float8Section | None = None
     checkpoint_every: int | None = _f(0, min=0)  # 0 / null: only at the end
@@ -172,9 +172,11 @@ def _check_unknown(cfg: DictConfig, node: DictConfig, schema: type, prefix: str)
             known = sorted(k for k in fields if k not in HIDDEN_KEYS)
             raise ConfigError(f"unknown config key {dotted!r} in {origin(cfg, dotted)}; "
                               f"known keys{' under ' + prefix[:-1] if prefix else ''}: {known}")
-        sub = _section(fields[key][1])
-        if sub is not None and isinstance(node[key], DictConfig):
-            _check_unknown(cfg, node[key], sub, dotted + ".")
+        f, tp = fields[key]
+        if _section(tp) is not None and isinstance(node[key], DictConfig):
+            _check_unknown(cfg, node[key], _section(tp), dotted + ".")
+        elif _section(tp) is not None and node[key] is not None:
+            raise _error(cfg, dotted, node[key], f.metadata, tp)  # a scalar where a section belongs
 
 
 def _check_ranges(cfg: DictConfig, typed: DictConfig, schema: type, prefix: str) -> None:

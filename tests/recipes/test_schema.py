@@ -24,6 +24,8 @@ OVERRIDE = "in the command-line override '{}': expected {}, got {}"
     ("data.num_activities=500", "an int in [1, 320] or null", "500 (int)"),
     ("resume=maybe", "a bool (true / false)", "'maybe' (str)"),
     ("optimizer=null", "a mapping with a _component_ key (the other keys are its arguments)", "None (NoneType)"),
+    ("data=5", "a mapping", "5 (int)"),
+    ("float8=true", "a mapping or null", "True (bool)"),
 ])
 def test_bad_value_names_key_value_range_and_override_before_writing(override, expected, got, tmp_path, small_run):
     key = override.split("=")[0]
