@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lowbit.recipes.errors import UsageError
+
 RUN_USAGE = """usage: lowbit run RECIPE [torchrun options] --config NAME|PATH [key=value ...]
 
 Run a training recipe through torchtune's `tune run` (which starts torchrun when torchrun options such
@@ -46,13 +48,13 @@ def _run(argv: list[str]) -> int:
 
     recipe_idx = next((i for i, a in enumerate(argv) if a in known_recipes() or a.endswith("_recipe")), None)
     if recipe_idx is None or "--config" not in argv:
-        raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]; "
+        raise UsageError("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]; "
                          f"recipes: {known_recipes()}")
     recipe = argv[recipe_idx]
     check_recipe(recipe)
     cfg_idx = argv.index("--config")
     if cfg_idx < recipe_idx or cfg_idx + 1 >= len(argv):
-        raise SystemExit("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]")
+        raise UsageError("usage: lowbit run RECIPE [torchrun options] --config NAME [key=value ...]")
     from torchtune._cli.tune import TuneCLIParser
 
     # torchrun options may come before or after the recipe name; tune run wants them before it.
@@ -109,8 +111,11 @@ def _eval(argv: list[str]) -> int:
                            group_size=a.group_size, dtype=DTYPE_NAMES.get(a.dtype),
                            kl_reference=a.kl_reference, kl_windows=a.kl_windows)
     except (FileNotFoundError, ValueError) as e:
+        from lowbit.data import DataError
+        from lowbit.models.checksums import CorruptCheckpointError
+
         print(f"lowbit eval: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DataError | CorruptCheckpointError) else 2  # bad files vs. bad arguments
     if results["results"]:
         print(make_table(results))
     if "kl" in results:
@@ -239,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return COMMANDS[argv[0]](argv[1:]) or 0
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except (Exception, KeyboardInterrupt) as e:
+        from lowbit.recipes.errors import exit_status
+
+        return exit_status(f"lowbit {argv[0]}", e)
 
 
 if __name__ == "__main__":

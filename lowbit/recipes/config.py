@@ -1,7 +1,8 @@
-"""Recipe configs: OmegaConf YAML + ``key=value`` overrides, validated against the recipe's keys.
+"""Recipe configs: OmegaConf YAML + ``key=value`` overrides, validated against the recipe's schema.
 
 torchtune's own parser accepts any key silently; a typo (``max_step=10``) would then train with the
-default. Here every key must be known to the recipe, and errors name the key and where it came from.
+default. Here every key must be known to the recipe and of the right type and range
+(``lowbit.recipes.schema``), and errors name the key and where it came from.
 """
 
 from __future__ import annotations
@@ -9,17 +10,14 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Schema leaves: a value, or COMPONENT (a `_component_` node whose other keys are its kwargs).
-COMPONENT = "component"
+from lowbit.recipes.errors import ConfigError
+
+# Keys load_config adds to record where a config came from (for error messages).
+HIDDEN_KEYS = ("_config_path_", "_overrides_")
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config that names an unknown key, lacks a required one, or cannot be instantiated."""
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -59,34 +57,13 @@ def load_config(name_or_path: str | Path, overrides: list[str] = ()) -> DictConf
     return cfg
 
 
-def _origin(cfg: DictConfig, dotted: str) -> str:
-    for item in cfg.get("_overrides_", []):
-        if item.split("=", 1)[0] == dotted:
+def origin(cfg: DictConfig, dotted: str) -> str:
+    """Where config key ``dotted`` came from: its (last) command-line override, else the config file."""
+    for item in reversed(cfg.get("_overrides_") or []):
+        key = item.split("=", 1)[0].lstrip("~")
+        if dotted == key or dotted.startswith(key + "."):
             return f"the command-line override {item!r}"
-    return str(cfg.get("_config_path_", "<config>"))
-
-
-def validate(cfg: DictConfig, schema: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` naming the first key of ``cfg`` not in ``schema`` and its source."""
-
-    def walk(node: DictConfig, sch: dict, prefix: str) -> None:
-        for key in node.keys():
-            if prefix == "" and key in ("_config_path_", "_overrides_"):
-                continue
-            dotted = f"{prefix}{key}"
-            if key not in sch:
-                raise ConfigError(
-                    f"unknown config key {dotted!r} in {_origin(cfg, dotted)}; "
-                    f"known keys{' under ' + prefix[:-1] if prefix else ''}: {sorted(sch)}"
-                )
-            sub, value = sch[key], node[key]
-            if sub == COMPONENT:
-                if value is not None and (not isinstance(value, DictConfig) or "_component_" not in value):
-                    raise ConfigError(f"config key {dotted!r} in {_origin(cfg, dotted)} needs a _component_")
-            elif isinstance(sub, dict) and isinstance(value, DictConfig):
-                walk(value, sub, dotted + ".")
-
-    walk(cfg, schema, "")
+    return str(cfg.get("_config_path_") or "<config>")
 
 
 def instantiate(cfg: DictConfig, key: str, *args, **kwargs):
@@ -96,7 +73,7 @@ def instantiate(cfg: DictConfig, key: str, *args, **kwargs):
     try:
         return tt_config.instantiate(cfg[key], *args, **kwargs)
     except Exception as e:
-        raise ConfigError(f"cannot instantiate config key {key!r} from {_origin(cfg, key)}: {e}") from e
+        raise ConfigError(f"cannot instantiate config key {key!r} from {origin(cfg, key)}: {e}") from e
 
 
 def parse(recipe_main):
@@ -112,6 +89,11 @@ def parse(recipe_main):
         flags = [o for o in overrides if o.startswith("--")]
         if flags:
             parser.error(f"unknown flag(s) {flags}: use key=value overrides")
-        return recipe_main(load_config(args.config, overrides))
+        try:
+            return recipe_main(load_config(args.config, overrides))
+        except (Exception, KeyboardInterrupt) as e:
+            from lowbit.recipes.errors import exit_status
+
+            sys.exit(exit_status("lowbit", e))  # one line and a status for the user's errors
 
     return wrapper

@@ -23,10 +23,6 @@ from lowbit.recipes.distributed import Runtime
 
 log = logging.getLogger("lowbit")
 
-FLOAT8_KEYS = {"recipe": None, "emulate": None, "grad_output_dtype": None,
-               "enable_fsdp_float8_all_gather": None, "precompute_float8_scales_for_fsdp": None}
-
-
 def model_converters(cfg: DictConfig, rt: Runtime) -> list:
     """The converters ``cfg`` asks for, in the order they apply."""
     f8 = cfg.get("float8")

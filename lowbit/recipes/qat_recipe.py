@@ -16,7 +16,8 @@ import sys
 import torch
 
 from lowbit import qat
-from lowbit.recipes.config import ConfigError, parse
+from lowbit.recipes.config import ConfigError, origin, parse
+from lowbit.recipes.schema import QATConfig
 from lowbit.recipes.training import TrainingRecipe, run
 
 log = logging.getLogger("lowbit")
@@ -26,24 +27,17 @@ class QATRecipe(TrainingRecipe):
     """``TrainingRecipe`` whose model is prepared for QAT with ``cfg.qat``."""
 
     recipe_name = "qat_recipe"
-    CONFIG_SCHEMA = {
-        **TrainingRecipe.CONFIG_SCHEMA,
-        "qat": {"scheme": None, "group_size": None, "fake_quant_after_n_steps": None, "embeddings": None},
-    }
+    CONFIG_SCHEMA = QATConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        q = cfg.get("qat")
-        if q is None or not q.get("scheme"):
-            raise ConfigError(f"qat_recipe needs config key 'qat.scheme' (one of {list(qat.SCHEMES)})")
+        q = self.cfg.qat
         try:
-            self.scheme = qat.get_scheme(q.scheme, q.get("group_size"))
+            self.scheme = qat.get_scheme(q.scheme, q.group_size)
         except ValueError as e:
-            raise ConfigError(f"config key 'qat': {e}") from e
-        self.fake_quant_after = int(q.get("fake_quant_after_n_steps") or 0)
-        if self.fake_quant_after < 0:
-            raise ConfigError(f"qat.fake_quant_after_n_steps must be >= 0, got {self.fake_quant_after}")
-        self.embeddings = bool(q.get("embeddings") or False)
+            raise ConfigError(f"config key 'qat' in {origin(self.cfg, 'qat.scheme')}: {e}") from e
+        self.fake_quant_after = q.fake_quant_after_n_steps
+        self.embeddings = q.embeddings
         self._fq_on: bool | None = None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lowbit.recipes import finetune_recipe, qat_recipe
 from lowbit.recipes.config import load_config
+from lowbit.recipes.errors import UsageError
 from lowbit.recipes.training import TrainingRecipe, run
 
 RECIPES: dict[str, type[TrainingRecipe]] = {
@@ -27,9 +28,9 @@ def known_recipes() -> list[str]:
 
 
 def check_recipe(name: str) -> type[TrainingRecipe]:
-    """The recipe class called ``name``; ``SystemExit`` naming the known recipes otherwise."""
+    """The recipe class called ``name``; ``UsageError`` naming the known recipes otherwise."""
     if name not in RECIPES:
-        raise SystemExit(f"lowbit: unknown recipe {name!r}; known recipes: {known_recipes()}")
+        raise UsageError(f"unknown recipe {name!r}; known recipes: {known_recipes()}")
     return RECIPES[name]
 
 

@@ -1,7 +1,8 @@
 """The training loop shared by every recipe (torchtune style: setup / train / save_checkpoint / cleanup).
 
 A recipe is a subclass that overrides hooks (``prepare_model``, ``on_step_start``,
-``checkpoint_metadata``) and extends ``CONFIG_SCHEMA``; nothing else is copied between recipes.
+``checkpoint_metadata``) and extends ``CONFIG_SCHEMA`` (a dataclass of ``lowbit.recipes.schema``);
+nothing else is copied between recipes.
 
 Determinism: batch ``s`` is a pure function of ``(seed, s)`` (a seeded permutation per epoch over
 packed rows), and a checkpoint carries model, optimizer, scheduler and RNG state, so a run resumed
@@ -33,47 +34,28 @@ from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weigh
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
 from lowbit.optim.sharding import local_state_bytes
 from lowbit.quant.dtypes import DTYPE_NAMES
-from lowbit.recipes import checkpointing
-from lowbit.recipes.config import COMPONENT, ConfigError, instantiate, validate
-from lowbit.recipes.converters import FLOAT8_KEYS, model_converters
+from lowbit.recipes import checkpointing, run_dir
+from lowbit.recipes.config import ConfigError, instantiate
+from lowbit.recipes.converters import model_converters
 from lowbit.recipes.distributed import Runtime, clip_grad_norm, init_runtime, shard_model
+from lowbit.recipes.schema import TrainingConfig, check_paths, normalized, validate_config
 
 log = logging.getLogger("lowbit")
 
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where its last complete checkpoint is."""
 
 
 class TrainingRecipe:
     """Causal-LM training of a torchtune decoder on packed text, with atomic checkpoints and resume."""
 
     recipe_name = "finetune_recipe"
-    CONFIG_SCHEMA: dict = {
-        "output_dir": None,
-        "seed": None,
-        "model": {"preset": None, "overrides": None},
-        "base_checkpoint": None,
-        "tokenizer": {"path": None, "vocab_size": None},
-        "data": {"source": None, "num_docs": None, "world_seed": None, "num_activities": None, "seq_len": None,
-                 "text_field": None},
-        "batch_size": None,
-        "gradient_accumulation_steps": None,
-        "max_steps": None,
-        "optimizer": COMPONENT,
-        "lr_scheduler": COMPONENT,
-        "clip_grad_norm": None,
-        "dtype": None,
-        "device": None,
-        "compile": None,
-        "float8": FLOAT8_KEYS,
-        "checkpoint_every": None,
-        "keep_last": None,
-        "resume": None,
-        "log_every": None,
-        "progress_bar": None,
-    }
+    CONFIG_SCHEMA: type = TrainingConfig  # the typed keys (lowbit.recipes.schema)
 
     def __init__(self, cfg: DictConfig):
-        validate(cfg, self.CONFIG_SCHEMA)
-        self.cfg = cfg
+        self.cfg = cfg = validate_config(cfg, self.CONFIG_SCHEMA)
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.losses: list[float] = []
@@ -95,16 +77,16 @@ class TrainingRecipe:
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        check_paths(cfg, self.CONFIG_SCHEMA)
         torch.manual_seed(cfg.seed)
-        self.dtype = DTYPE_NAMES.get(cfg.get("dtype", "fp32"))
-        if self.dtype is None:
-            raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPE_NAMES)}, got {cfg.dtype!r}")
+        self.dtype = DTYPE_NAMES[cfg.dtype]
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "
                               f"by the number of processes ({rt.world_size})")
+        self.run = run_dir.start_run(self.output_dir, OmegaConf.to_container(cfg, resolve=True), rt,
+                                     normalize=lambda saved: normalized(saved, self.CONFIG_SCHEMA))
         if rt.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(self.output_dir / "checkpoints")
         rt.barrier()
 
@@ -123,7 +105,7 @@ class TrainingRecipe:
             self.lr_scheduler = instantiate(
                 cfg, "lr_scheduler", self.optimizer, num_training_steps=cfg.max_steps
             )
-        if cfg.get("resume", False):
+        if cfg.resume:
             self._resume()
         if cfg.get("compile", False):
             self.model.compile()  # in place: state-dict keys stay those of the plain model
@@ -143,6 +125,9 @@ class TrainingRecipe:
             tok_dir = Path(cfg.tokenizer.path)
         else:
             tok_dir = self.output_dir / "tokenizer"
+            if cfg.tokenizer.vocab_size is None and not (tok_dir / "tokenizer.json").exists():
+                raise ConfigError("config key 'tokenizer.vocab_size' is null, but without tokenizer.path or "
+                                  "base_checkpoint a tokenizer must be trained: set its vocabulary size")
             if self.rt.is_main and not (tok_dir / "tokenizer.json").exists():
                 train_bpe_tokenizer(self._texts(), cfg.tokenizer.vocab_size, tok_dir)
             self.rt.barrier()
@@ -236,12 +221,13 @@ class TrainingRecipe:
                     bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
                 if step % every == 0 or step == cfg.max_steps:
                     self.save_checkpoint(step)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             done = list_checkpoints(self.output_dir)
             where = f"last complete checkpoint: {done[-1]}" if done else "no checkpoint was written yet"
+            message = f"interrupted at step {self.step}; {where} (continue with resume=true)"
             if main:
-                log.warning("interrupted at step %d; %s (resume with resume=true)", self.step, where)
-            raise
+                log.warning("%s", message)
+            raise TrainingInterrupted(message) from e
         finally:
             bar.close()
             if metrics is not None:
@@ -254,7 +240,8 @@ class TrainingRecipe:
         meta = {
             "model_args": self.model_args.to_dict(), "step": step, "recipe": self.recipe_name,
             "dtype": self.cfg.get("dtype", "fp32"), "qat_scheme": None, "qat_group_size": None,
-            "config": OmegaConf.to_container(self.cfg, resolve=True), **self.checkpoint_metadata(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True), "run_id": self.run.run_id,
+            **self.checkpoint_metadata(),
         }
         state = {
             "step": step, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
@@ -264,7 +251,8 @@ class TrainingRecipe:
         state_bytes = self.rt.gather(local_state_bytes(self.optimizer))
         if not self.rt.is_main:
             return final
-        for old in list_checkpoints(self.output_dir)[: -self.cfg.get("keep_last", 2)]:
+        mine = [c for c in list_checkpoints(self.output_dir) if run_dir.run_id_of(c) == self.run.run_id]
+        for old in mine[: -self.cfg.keep_last]:
             shutil.rmtree(old)
         summary = {"step": step, "final_loss": self.losses[-1] if self.losses else None,
                    "checkpoint": str(final), "world_size": self.rt.world_size,
@@ -281,11 +269,9 @@ class TrainingRecipe:
                 "mean_step_ms": 1000 * sum(steady) / len(steady) if steady else None}
 
     def _resume(self) -> None:
-        ckpts = list_checkpoints(self.output_dir)
-        if not ckpts:
-            log.info("resume=true but no checkpoint in %s: starting from step 0", self.output_dir)
+        ckpt = self.run.resume_from  # the newest intact checkpoint, chosen by run_dir.start_run
+        if ckpt is None:
             return
-        ckpt = ckpts[-1]
         checkpointing.check_compatible(ckpt, self.model_args.to_dict(), self.optimizer)
         state = checkpointing.load(ckpt, self.rt, self.model, self.optimizer)
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:

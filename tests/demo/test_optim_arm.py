@@ -67,7 +67,7 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     assert rows["AdamW4bit"]["loss_vs_adamw"] == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1
 
     # state memory: exactly the layout of each optimizer over the model's parameter shapes
-    from lowbit.recipes.cli import run_recipe
+    from lowbit.recipes.runner import run_recipe
 
     model = run_recipe("finetune_recipe", "tiny_pretrain",
                        [*SMALL_RUN, "max_steps=0", f"output_dir={tmp_path / 'shapes'}"]).model

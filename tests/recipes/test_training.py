@@ -72,7 +72,8 @@ def test_training_on_user_jsonl_data_and_finetuning_from_checkpoint(tmp_path, sm
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=1", f"data.source={bad}"])
+        run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=1", f"data.source={bad}",
+                                                         f"output_dir={tmp_path / 'bad'}"])
 
 
 def test_tune_run_and_lowbit_run_entry_points(tmp_path, small_run):
