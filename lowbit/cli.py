@@ -5,6 +5,8 @@
     lowbit bench --checkpoint DIR | --preset NAME --schemes none,8w,4w,8da4w ...
     lowbit demo [--output DIR]
     lowbit data --output DIR            (write the generated corpus and hellaswag-format task)
+    lowbit data cloze --from FILE.txt|python-docs --output ITEMS.jsonl   (cloze items from real text)
+    lowbit convert SRC --to hf DIR      (a Hugging Face Llama directory from a GGUF / checkpoint / name)
 
 ``lowbit COMMAND --help`` describes each command.
 """
@@ -215,8 +217,35 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _cloze(argv: list[str]) -> int:
+    """``lowbit data cloze``: hellaswag-format items from any real text."""
+    p = argparse.ArgumentParser(prog="lowbit data cloze", description="Build hellaswag-format cloze items from "
+                                "real text: context = the start of a passage, endings = its true continuation "
+                                "and three length-matched continuations from other passages.")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a UTF-8 text file (paragraphs separated by blank lines) or a built-in source: "
+                        "python-docs, package-docs")
+    p.add_argument("--output", required=True, help="the jsonl file to write")
+    p.add_argument("--num-items", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None, help="activity_label of every item (default: the source's name)")
+    a = p.parse_args(argv)
+    from lowbit.data import write_jsonl
+    from lowbit.data.cloze import cloze_items
+    from lowbit.data.real_text import load_source
+
+    label = a.label or Path(a.source).stem.replace("-", " ").capitalize()
+    items = cloze_items(load_source(a.source), a.num_items, seed=a.seed, label=label, source=a.source)
+    write_jsonl(items, a.output)
+    print(f"wrote {len(items)} items to {a.output}")
+    return 0
+
+
 def _data(argv: list[str]) -> int:
-    """``lowbit data``: write lowbit's generated corpus and hellaswag-format task."""
+    """``lowbit data``: write lowbit's generated corpus and hellaswag-format task (``lowbit data cloze``:
+    items from real text)."""
+    if argv and argv[0] == "cloze":
+        return _cloze(argv[1:])
     p = argparse.ArgumentParser(prog="lowbit data", description="Write lowbit's generated corpus and task.")
     p.add_argument("--output", default="lowbit_data")
     p.add_argument("--seed", type=int, default=0)
@@ -234,7 +263,24 @@ def _data(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "eval": _eval, "bench": _bench, "demo": _demo, "data": _data}
+def _convert(argv: list[str]) -> int:
+    """``lowbit convert SRC --to hf DIR``: a Hugging Face Llama directory from a GGUF, a lowbit checkpoint or
+    a model name."""
+    p = argparse.ArgumentParser(prog="lowbit convert", description="Write a Hugging Face Llama directory "
+                                "(config.json, model.safetensors, tokenizer files) from a GGUF file, a lowbit "
+                                "checkpoint or run directory, or a model name (smollm2-135m).")
+    p.add_argument("source")
+    p.add_argument("--to", choices=["hf"], required=True, help="output format")
+    p.add_argument("output", help="the directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    a = p.parse_args(argv)
+    from lowbit.models.hf_export import export_hf
+
+    print(f"wrote {export_hf(a.source, a.output, force=a.force)}")
+    return 0
+
+
+COMMANDS = {"run": _run, "eval": _eval, "bench": _bench, "demo": _demo, "data": _data, "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ import importlib.metadata
 import re
 from pathlib import Path
 
+from lowbit.data.loaders import DataError
+
 _CODE_FENCE = re.compile(r"^\s*(```|~~~)")
 _MARKUP = re.compile(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)|\[([^\]]+)\]\([^)]*\)|`+|\*\*|^#+\s*|^\s*[-*+]\s+|^\s*\d+\.\s+")
 
@@ -82,7 +84,7 @@ def read_text_file(path: str | Path) -> list[str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"text file not found: {path}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 

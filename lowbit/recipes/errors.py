@@ -30,6 +30,7 @@ def exit_status(prog: str, error: BaseException) -> int:
     """Print ``error``'s one-line cause to stderr and return the exit status; re-raise unknown errors."""
     from lowbit.data.loaders import DataError
     from lowbit.models.checksums import CorruptCheckpointError
+    from lowbit.models.gguf import GGUFError
 
     if isinstance(error, KeyboardInterrupt):
         print(f"{prog}: {error or 'interrupted'}", file=sys.stderr)
@@ -40,9 +41,9 @@ def exit_status(prog: str, error: BaseException) -> int:
         print(f"{prog}: error: rank(s) {sorted(failures)} of {error.name} exited with status {codes} "
               "(each rank's cause is printed above)", file=sys.stderr)
         return codes[0] if len(codes) == 1 and codes[0] in (USAGE, FAILURE, INTERRUPTED) else FAILURE
-    if isinstance(error, UsageError | ConfigError | FileNotFoundError):
+    if isinstance(error, UsageError | ConfigError | FileNotFoundError | FileExistsError):
         status = USAGE
-    elif isinstance(error, DataError | CorruptCheckpointError):
+    elif isinstance(error, DataError | CorruptCheckpointError | GGUFError):
         status = FAILURE
     else:
         raise error
