@@ -81,15 +81,7 @@ class LowbitLM(TemplateLM):
         for i, (_, ctx, cont) in enumerate(requests):
             prefix, cont = self._split(ctx, cont)
             by_prefix.setdefault(prefix, []).append((i, cont))
-        groups = []  # (prefix, members), each within max_length
-        for prefix, members in by_prefix.items():
-            group: list[tuple[int, list[int]]] = []
-            for member in members:
-                if group and len(prefix) + sum(len(c) for _, c in group) + len(member[1]) > self.max_length + 1:
-                    groups.append((prefix, group))
-                    group = []
-                group.append(member)
-            groups.append((prefix, group))
+        groups = list(by_prefix.items())  # (prefix, members); positions stay below max_length
         rows = _first_fit(groups, max(self.row_tokens, max(_size(g) for g in groups)))
         budget = self.token_budget
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -123,13 +115,13 @@ class LowbitLM(TemplateLM):
                 grp[b, at:at + n] = g
                 last, start = at + n - 1, at + n
                 for j, (i, cont) in enumerate(members, start=1):
-                    k = len(cont)
-                    tokens[b, start:start + k] = torch.tensor(cont)
+                    k = len(cont) - 1  # the last token is only a target, never an input
+                    tokens[b, start:start + k] = torch.tensor(cont[:-1])
                     pos[b, start:start + k] = torch.arange(n, n + k)
                     grp[b, start:start + k] = g
                     seg[b, start:start + k] = j
                     # cont[0] is predicted at the prefix's last position, cont[t] at cont[t - 1]'s.
-                    where.append([b * width + last, *range(b * width + start, b * width + start + k - 1)])
+                    where.append([b * width + last, *range(b * width + start, b * width + start + k)])
                     targets.append(cont)
                     owners.append(i)
                     start += k
@@ -204,8 +196,9 @@ class LowbitLM(TemplateLM):
 
 
 def _size(group) -> int:
+    """Tokens a group feeds the model: its prefix, then each continuation but its last token."""
     prefix, members = group
-    return len(prefix) + sum(len(c) for _, c in members)
+    return len(prefix) + sum(len(c) - 1 for _, c in members)
 
 
 def _first_fit(groups: list, capacity: int) -> list[list]:
