@@ -32,7 +32,8 @@ def token_windows(tokenizer, documents: list[str], window: int = 512, max_window
 
 @torch.no_grad()
 def compare_to_reference(model, reference, windows: torch.Tensor, *, batch_size: int = 2) -> dict:
-    """Divergence of ``model`` from ``reference`` (both: tokens ``[b, s]`` -> logits ``[b, s, vocab]``).
+    """Divergence of ``model`` from ``reference`` (both: tokens ``[b, s]`` -> logits ``[b, s, vocab]``;
+    ``reference`` may also be its logits on ``windows``, ``[n, s, vocab]``, computed once for many models).
 
     Returns ``kl_mean``, ``kl_stderr``, ``kl_p99``, ``top1_agreement``, ``top1_stderr``, ``ppl``,
     ``ppl_reference`` and ``tokens`` (the number of scored tokens).
@@ -45,7 +46,8 @@ def compare_to_reference(model, reference, windows: torch.Tensor, *, batch_size:
         x = windows[b:b + batch_size]
         target = x[:, start + 1:]
         lq = F.log_softmax(model(x)[:, start:-1].double(), -1)
-        lp = F.log_softmax(reference(x)[:, start:-1].double(), -1)
+        ref = reference[b:b + batch_size] if isinstance(reference, torch.Tensor) else reference(x)
+        lp = F.log_softmax(ref[:, start:-1].double(), -1)
         if lq.shape[-1] != lp.shape[-1]:
             raise ValueError(f"vocabulary sizes differ: model {lq.shape[-1]}, reference {lp.shape[-1]}")
         kls.append((lp.exp() * (lp - lq)).sum(-1).flatten())

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lowbit.data.real_text import SOURCES as TEXT_SOURCES
 from lowbit.float8.config import FLOAT8_DTYPES
 from lowbit.float8.config import RECIPES as FLOAT8_RECIPES
 from lowbit.models.checkpoint import MODEL_NAMES
@@ -236,7 +237,8 @@ def check_paths(cfg: DictConfig, schema: type) -> None:
             if _section(tp) is not None:
                 walk(value, _section(tp), dotted + ".")
             elif kind and not Path(value).exists():
-                if kind == "unless generated" and value == "generated" or kind == "or model name" and value in MODEL_NAMES:
+                if (kind == "unless generated" and value in ("generated", *TEXT_SOURCES)
+                        or kind == "or model name" and value in MODEL_NAMES):
                     continue
                 names = f" and is not one of the model names {sorted(MODEL_NAMES)}" if kind == "or model name" else ""
                 raise ConfigError(f"config key {dotted!r} in {origin(cfg, dotted)}: path {value!r} does not exist{names}")

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lowbit.data import generate_corpus, load_texts, make_world, pack_documents
+from lowbit.data.real_text import SOURCES as TEXT_SOURCES
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from lowbit.models.presets import ModelArgs, build_model, get_preset, init_weights
 from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_size_of
@@ -144,6 +145,8 @@ class TrainingRecipe:
         if data.source == "generated":
             world = make_world(data.world_seed, data.get("num_activities") or 64)
             return generate_corpus(num_docs=data.num_docs, seed=data.world_seed, world=world)
+        if data.source in TEXT_SOURCES:  # real text that ships with the install (lowbit.data.real_text)
+            return TEXT_SOURCES[data.source]()
         return load_texts(data.source, text_field=data.get("text_field", "text"))
 
     def _load_data(self) -> torch.Tensor:
