@@ -124,8 +124,8 @@ def _interrupt_after_write():
     ``CheckpointException``: an interrupt mid-write would surface as an internal error. A second Ctrl-C
     abandons the write (``save`` removes the temporary directory) and raises ``KeyboardInterrupt``.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # signal handlers belong to the main thread; an ignored SIGINT stays ignored
         return
     pressed: list[int] = []
 

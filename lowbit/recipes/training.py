@@ -227,10 +227,8 @@ class TrainingRecipe:
         except KeyboardInterrupt as e:
             done = list_checkpoints(self.output_dir)
             where = f"last complete checkpoint: {done[-1]}" if done else "no checkpoint was written yet"
-            message = f"interrupted at step {self.step}; {where} (continue with resume=true)"
-            if main:
-                log.warning("%s", message)
-            raise TrainingInterrupted(message) from e
+            # the command line prints this as its last line (lowbit.recipes.errors)
+            raise TrainingInterrupted(f"interrupted at step {self.step}; {where} (continue with resume=true)") from e
         finally:
             bar.close()
             if metrics is not None:
