@@ -192,6 +192,9 @@ def first_step():
         print("\n" + (out.stdout.strip() or out.stderr.strip()[-2000:]))
 
 
+QUALITY_EXTRA = {"AdamW4bit rank1": ("lowbit.optim.AdamW4bit", ["optimizer.v_norm=rank1"])}
+
+
 def quality(workdir, overrides, only=None):
     from pathlib import Path
 
@@ -201,19 +204,33 @@ def quality(workdir, overrides, only=None):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     eval_file = write_jsonl(generate_hellaswag(num_items=500, seed=0), workdir / "eval.jsonl")
-    opts = dict(OPTIMIZERS)
-    opts["AdamWFp8"] = "lowbit.optim.AdamWFp8"
+    opts = {name: (path, []) for name, path in OPTIMIZERS.items()}
+    opts["AdamWFp8"] = ("lowbit.optim.AdamWFp8", [])
+    opts.update(QUALITY_EXTRA)
+    by_key = {name.replace(" ", "-").split("-(")[0].lower(): name for name in opts}
     if only:
-        by_key = {name.split(" ")[0].lower(): name for name in opts}
         unknown = [k for k in only if k not in by_key]
         if unknown:
             raise SystemExit(f"--optimizers: unknown {unknown}; choose from {sorted(by_key)}")
         opts = {by_key[k]: opts[by_key[k]] for k in only}
+    else:
+        opts = {k: v for k, v in opts.items() if k not in QUALITY_EXTRA}
     t0 = time.perf_counter()
-    out = run_optim_arm(workdir, eval_file, ["progress_bar=false", *overrides], optimizers=opts)
+    rows, table = [], None
+    for name, (path, extra) in opts.items():  # one run (own directory) per optimizer
+        key = name.replace(" ", "-").split("-(")[0].lower()
+        out = run_optim_arm(workdir / key, eval_file, ["progress_bar=false", *overrides, *extra],
+                            optimizers={name: path})
+        rows += out["rows"]
+        table = table or out["markdown"].splitlines()[:2]
+        ref = rows[0]["final_loss"]
+        line = out["markdown"].splitlines()[2]
+        cells = line.split(" | ")
+        cells[2] = f"{100 * (rows[-1]['final_loss'] / ref - 1):+.2f}%"
+        table.append(" | ".join(cells))
     print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, threads={torch.get_num_threads()}, "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(out["markdown"])
+          f"{time.perf_counter() - t0:.0f} s (column 3 vs {rows[0]['name']})")
+    print("\n".join(table))
 
 
 def main():
