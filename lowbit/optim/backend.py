@@ -75,7 +75,7 @@ def _triton_supports(p: Tensor, g: Tensor) -> str | None:
     return None
 
 
-RANK1_IMPLS = ("torch",)  # the implementations of rank-1 normalized 4-bit state
+RANK1_IMPLS = ("cpp", "torch")  # the implementations of rank-1 normalized 4-bit state
 
 
 def choose(p: Tensor, g: Tensor, where: str, rank1: bool = False) -> str:

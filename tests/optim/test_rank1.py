@@ -33,7 +33,7 @@ def _grads(params, step):
     return out
 
 
-@pytest.mark.parametrize("impl", ["torch"])
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype,coupled", [(torch.float32, False), (torch.bfloat16, True)])
 def test_rank1_matches_reference(impl, dtype, coupled, books, monkeypatch):
     monkeypatch.setenv(backend.ENV, impl)
@@ -122,10 +122,11 @@ def test_rank1_state_dict_resumes_and_other_layout_fails_naming_keys():
 
 
 def test_forced_backend_without_rank1_fails(monkeypatch):
-    if "cpp" in backend.RANK1_IMPLS:
-        pytest.skip("the C++ kernel runs rank-1 state")
+    missing = [b for b in ("cpp", "triton") if b not in backend.RANK1_IMPLS]
+    if not missing:
+        pytest.skip("every backend runs rank-1 state")
     w = torch.nn.Parameter(torch.randn(64, 100))
     w.grad = torch.randn_like(w)
-    monkeypatch.setenv(backend.ENV, "cpp")
-    with pytest.raises(ValueError, match=r"LOWBIT_OPTIM_BACKEND=cpp: rank-1 4-bit state .* runs on torch"):
+    monkeypatch.setenv(backend.ENV, missing[0])
+    with pytest.raises(ValueError, match=rf"LOWBIT_OPTIM_BACKEND={missing[0]}: rank-1 4-bit state .* runs on"):
         lo.AdamW4bit([w], min_quant_size=0, v_norm="rank1").step()
