@@ -207,7 +207,7 @@ class _AdamLowBit(torch.optim.Optimizer):
                 state = sharding.local_views(state)
                 if p.numel() == 0:
                     continue
-            impl = backend.choose(p, g, where, fmt.v_rank1)
+            impl = backend.choose(p, g, where)
             buckets[(impl, p.device, p.dtype, fmt if quant else None)].append((p, g, state, row))
 
         for (impl, _device, dtype, f), items in buckets.items():

@@ -75,22 +75,9 @@ def _triton_supports(p: Tensor, g: Tensor) -> str | None:
     return None
 
 
-RANK1_IMPLS = ("cpp", "torch")  # the implementations of rank-1 normalized 4-bit state
-
-
-def choose(p: Tensor, g: Tensor, where: str, rank1: bool = False) -> str:
-    """``"cpp"``, ``"triton"`` or ``"torch"`` for parameter ``p`` (named ``where`` in errors) and gradient ``g``;
-    ``rank1``: the parameter has rank-1 normalized 4-bit state."""
+def choose(p: Tensor, g: Tensor, where: str) -> str:
+    """``"cpp"``, ``"triton"`` or ``"torch"`` for parameter ``p`` (named ``where`` in errors) and gradient ``g``."""
     want = requested()
-    impl = _choose(p, g, where, want)
-    if rank1 and impl not in RANK1_IMPLS:
-        if want != "auto":
-            raise ValueError(f"{ENV}={want}: rank-1 4-bit state ({where}) runs on {', '.join(RANK1_IMPLS)}")
-        return "torch"
-    return impl
-
-
-def _choose(p: Tensor, g: Tensor, where: str, want: str) -> str:
     if want == "torch":
         return "torch"
     if want == "cpp":
