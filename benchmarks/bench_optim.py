@@ -1,8 +1,8 @@
 """Low-bit optimizer step time and state memory vs torch AdamW, torchao and bitsandbytes (CPU).
 
-Setup (issue 3): 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer
-owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
-all peers see the same machine load; the figure is the median per optimizer.
+Setup: 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer owns a copy
+of the params; steps are timed round-robin (one step of each optimizer per round, in a new random order
+every round) so all peers see the same machine load; the figure is the median per optimizer.
 
     .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] [--no-external]
         [--baseline REV]   # also the lowbit optimizers with the C++ kernel of git revision REV, interleaved
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -146,8 +147,12 @@ def run(dtype, rounds, slow_rounds, external=True, baseline=None):
         except Exception as e:
             print(f"{name}: failed on {dtype}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     times = {n: [] for n in opts}
+    order = random.Random(0)
     for r in range(rounds):
-        for name, o in opts.items():
+        names = list(opts)
+        order.shuffle(names)  # a new order every round: no optimizer always follows the same one
+        for name in names:
+            o = opts[name]
             slow = name.startswith(("torchao", "bitsandbytes"))
             if slow and r >= slow_rounds:
                 continue
