@@ -72,6 +72,7 @@ def arms(peers: list[str]) -> dict:
         "lowbit AdamW8bit": lambda ps: lo.AdamW8bit(ps, lr=1e-4),
         "lowbit AdamW4bit": lambda ps: lo.AdamW4bit(ps, lr=1e-4),
         "lowbit AdamWFp8": lambda ps: lo.AdamWFp8(ps, lr=1e-4),
+        "lowbit AdamW4bit rank1": lambda ps: lo.AdamW4bit(ps, lr=1e-4, v_norm="rank1"),
     }
     if "bnb" in peers:
         try:
@@ -120,14 +121,17 @@ class TritonLaunches:
         except Exception:  # no triton: lowbit runs C++ / torch steps
             return
         for interpret in (False, True):
-            k = _triton_step.kernel(interpret)
-            run = k.run
+            for name in _triton_step.KERNELS:
+                self._wrap(_triton_step.kernel(interpret, name))
 
-            def counting(*a, _run=run, **kw):
-                self.n += 1
-                return _run(*a, **kw)
+    def _wrap(self, k):
+        run = k.run
 
-            k.run = counting
+        def counting(*a, **kw):
+            self.n += 1
+            return run(*a, **kw)
+
+        k.run = counting
 
 
 def device_kernels(opt, device: str) -> tuple[int, int]:
@@ -246,8 +250,7 @@ def main() -> None:
     try:
         from lowbit.optim import _triton_step
 
-        caches = _triton_step.kernel(False).device_caches
-        n = sum(len(c[0]) for c in caches.values())
+        n = sum(len(c[0]) for k in _triton_step.KERNELS for c in _triton_step.kernel(False, k).device_caches.values())
         print(f"compiled specializations of the lowbit Triton kernel: {n} (one per format x state kind used)")
     except Exception:
         pass

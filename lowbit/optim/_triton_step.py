@@ -23,7 +23,6 @@ functions were wrapped for one mode when triton was imported and cannot be calle
 
 from __future__ import annotations
 
-import contextlib
 import types
 from collections import OrderedDict
 
@@ -418,7 +417,7 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
     interpret = device.type != "cuda"
     grid = (progs.shape[0],)
     pkind = _PKIND[params[0].dtype]
-    with _quiet_numpy() if interpret else contextlib.nullcontext():
+    with _quiet_numpy() if interpret else torch.cuda.device(device):  # launch on the parameters' GPU
         if rank1:
             kernel(interpret, "_rank1_max_kernel")[grid](
                 table, step_t, step_t.view(torch.float32), progs, _book("q", books[1], device), bs,
