@@ -172,6 +172,13 @@ def run(dtype, rounds, slow_rounds, external=True, baseline=None):
         vs_peer = ", ".join(f"{med[p] / med[name]:.2f}x vs {p}" for p in peer_names if p in med)
         print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
               f"{state_bytes(o) / nparams:.3f} |")
+    if baseline:  # same-round pairs see the same load: their ratio is the steadier figure
+        print(f"\ncurrent / @{baseline}, per round: median [quartiles] of the ratio; ratio of the fastest steps")
+        for name in opts:
+            if name.endswith(f"@{baseline}") and name.split(" @")[0] in times:
+                cur, base = times[name.split(" @")[0]], times[name]
+                q = statistics.quantiles([a / b for a, b in zip(cur, base)], n=4)
+                print(f"- {name.split(' @')[0]}: {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]; fastest {min(cur) / min(base):.3f}")
 
 
 FIRST_STEP = r"""
