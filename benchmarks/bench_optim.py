@@ -1,8 +1,8 @@
 """Low-bit optimizer step time and state memory vs torch AdamW, torchao and bitsandbytes (CPU).
 
-Setup (issue 3): 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer
-owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
-all peers see the same machine load; the figure is the median per optimizer.
+Setup: 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer owns a copy
+of the params; steps are timed round-robin (one step of each optimizer per round, in a new random order
+every round) so all peers see the same machine load; the figure is the median per optimizer.
 
     .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] [--no-external]
         [--baseline REV]   # also the lowbit optimizers with the C++ kernel of git revision REV, interleaved
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -146,8 +147,12 @@ def run(dtype, rounds, slow_rounds, external=True, baseline=None):
         except Exception as e:
             print(f"{name}: failed on {dtype}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     times = {n: [] for n in opts}
+    order = random.Random(0)
     for r in range(rounds):
-        for name, o in opts.items():
+        names = list(opts)
+        order.shuffle(names)  # a new order every round: no optimizer always follows the same one
+        for name in names:
+            o = opts[name]
             slow = name.startswith(("torchao", "bitsandbytes"))
             if slow and r >= slow_rounds:
                 continue
@@ -167,6 +172,13 @@ def run(dtype, rounds, slow_rounds, external=True, baseline=None):
         vs_peer = ", ".join(f"{med[p] / med[name]:.2f}x vs {p}" for p in peer_names if p in med)
         print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
               f"{state_bytes(o) / nparams:.3f} |")
+    if baseline:  # same-round pairs see the same load: their ratio is the steadier figure
+        print(f"\ncurrent / @{baseline}, per round: median [quartiles] of the ratio; ratio of the fastest steps")
+        for name in opts:
+            if name.endswith(f"@{baseline}") and name.split(" @")[0] in times:
+                cur, base = times[name.split(" @")[0]], times[name]
+                q = statistics.quantiles([a / b for a, b in zip(cur, base)], n=4)
+                print(f"- {name.split(' @')[0]}: {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]; fastest {min(cur) / min(base):.3f}")
 
 
 FIRST_STEP = r"""
@@ -192,6 +204,9 @@ def first_step():
         print("\n" + (out.stdout.strip() or out.stderr.strip()[-2000:]))
 
 
+QUALITY_EXTRA = {"AdamW4bit rank1": ("lowbit.optim.AdamW4bit", ["optimizer.v_norm=rank1"])}
+
+
 def quality(workdir, overrides, only=None):
     from pathlib import Path
 
@@ -201,19 +216,33 @@ def quality(workdir, overrides, only=None):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     eval_file = write_jsonl(generate_hellaswag(num_items=500, seed=0), workdir / "eval.jsonl")
-    opts = dict(OPTIMIZERS)
-    opts["AdamWFp8"] = "lowbit.optim.AdamWFp8"
+    opts = {name: (path, []) for name, path in OPTIMIZERS.items()}
+    opts["AdamWFp8"] = ("lowbit.optim.AdamWFp8", [])
+    opts.update(QUALITY_EXTRA)
+    by_key = {name.replace(" ", "-").split("-(")[0].lower(): name for name in opts}
     if only:
-        by_key = {name.split(" ")[0].lower(): name for name in opts}
         unknown = [k for k in only if k not in by_key]
         if unknown:
             raise SystemExit(f"--optimizers: unknown {unknown}; choose from {sorted(by_key)}")
         opts = {by_key[k]: opts[by_key[k]] for k in only}
+    else:
+        opts = {k: v for k, v in opts.items() if k not in QUALITY_EXTRA}
     t0 = time.perf_counter()
-    out = run_optim_arm(workdir, eval_file, ["progress_bar=false", *overrides], optimizers=opts)
+    rows, table = [], None
+    for name, (path, extra) in opts.items():  # one run (own directory) per optimizer
+        key = name.replace(" ", "-").split("-(")[0].lower()
+        out = run_optim_arm(workdir / key, eval_file, ["progress_bar=false", *overrides, *extra],
+                            optimizers={name: path})
+        rows += out["rows"]
+        table = table or out["markdown"].splitlines()[:2]
+        ref = rows[0]["final_loss"]
+        line = out["markdown"].splitlines()[2]
+        cells = line.split(" | ")
+        cells[2] = f"{100 * (rows[-1]['final_loss'] / ref - 1):+.2f}%"
+        table.append(" | ".join(cells))
     print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, threads={torch.get_num_threads()}, "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(out["markdown"])
+          f"{time.perf_counter() - t0:.0f} s (column 3 vs {rows[0]['name']})")
+    print("\n".join(table))
 
 
 def main():

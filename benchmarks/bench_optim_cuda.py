@@ -72,6 +72,7 @@ def arms(peers: list[str]) -> dict:
         "lowbit AdamW8bit": lambda ps: lo.AdamW8bit(ps, lr=1e-4),
         "lowbit AdamW4bit": lambda ps: lo.AdamW4bit(ps, lr=1e-4),
         "lowbit AdamWFp8": lambda ps: lo.AdamWFp8(ps, lr=1e-4),
+        "lowbit AdamW4bit rank1": lambda ps: lo.AdamW4bit(ps, lr=1e-4, v_norm="rank1"),
     }
     if "bnb" in peers:
         try:
@@ -120,14 +121,17 @@ class TritonLaunches:
         except Exception:  # no triton: lowbit runs C++ / torch steps
             return
         for interpret in (False, True):
-            k = _triton_step.kernel(interpret)
-            run = k.run
+            for name in _triton_step.KERNELS:
+                self._wrap(_triton_step.kernel(interpret, name))
 
-            def counting(*a, _run=run, **kw):
-                self.n += 1
-                return _run(*a, **kw)
+    def _wrap(self, k):
+        run = k.run
 
-            k.run = counting
+        def counting(*a, **kw):
+            self.n += 1
+            return run(*a, **kw)
+
+        k.run = counting
 
 
 def device_kernels(opt, device: str) -> tuple[int, int]:
@@ -151,6 +155,45 @@ def device_kernels(opt, device: str) -> tuple[int, int]:
     return kernels, copies
 
 
+def check_exact(device: str) -> bool:
+    """A few steps of every lowbit optimizer on ``device`` (Triton on CUDA) and with the pure-torch step on
+    CPU, from the same parameters and gradients: parameters and states must be bit-identical."""
+    from lowbit import optim as lo
+
+    def bits(t):
+        t = t.detach().cpu()
+        return t.view(torch.uint8) if t.element_size() == 1 else t.view({2: torch.int16, 4: torch.int32}[
+            t.element_size()])
+
+    arms = {"AdamW8bit": (lo.AdamW8bit, {}), "AdamW4bit": (lo.AdamW4bit, {}), "AdamWFp8": (lo.AdamWFp8, {}),
+            "Adam4bit rank1": (lo.Adam4bit, {"v_norm": "rank1", "weight_decay": 0.1}),
+            "AdamW8bit sr": (lo.AdamW8bit, {"bf16_stochastic_round": True})}
+    ok = True
+    for name, (cls, kw) in arms.items():
+        runs = []
+        for dev, backend in ((device, os.environ.get("LOWBIT_OPTIM_BACKEND", "auto")), ("cpu", "torch")):
+            os.environ["LOWBIT_OPTIM_BACKEND"] = backend
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(torch.bfloat16).to(dev))
+                  for s in ((4099,), (64, 65), (300,), (33, 128))]
+            opt = cls(ps, lr=1e-2, min_quant_size=1000, **kw)
+            torch.manual_seed(1)  # stochastic-rounding seeds
+            for step in range(3):
+                for p in ps:
+                    gr = torch.randn(p.shape, generator=g) * 1e-2
+                    if step == 1:
+                        gr.view(-1)[7] = float("nan")
+                    p.grad = gr.to(torch.bfloat16).to(dev)
+                opt.step()
+            runs.append((ps, opt))
+        (pa, oa), (pb, ob) = runs
+        same = all(torch.equal(bits(a), bits(b)) for a, b in zip(pa, pb)) and all(
+            torch.equal(bits(oa.state[a][k]), bits(ob.state[b][k])) for a, b in zip(pa, pb) for k in oa.state[a])
+        ok &= same
+        print(f"bit-exact vs the CPU torch step ({name}, bf16, 3 steps, a NaN gradient): {'yes' if same else 'NO'}")
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
@@ -159,8 +202,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first (Triton compiles, state allocation)")
     ap.add_argument("--peers", default="bnb,torchao", help="comma-separated optional peers: bnb, torchao ('' none)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the matching optimizers")
+    ap.add_argument("--no-check", action="store_true", help="skip the bit-exactness check against the CPU step")
     args = ap.parse_args()
     device = args.device
+    backend_env = os.environ.get("LOWBIT_OPTIM_BACKEND", "auto")
+    if not args.no_check:
+        check_exact(device)
+        os.environ["LOWBIT_OPTIM_BACKEND"] = backend_env
     torch.manual_seed(0)
 
     params = make_params(args.size, device)
@@ -246,8 +294,7 @@ def main() -> None:
     try:
         from lowbit.optim import _triton_step
 
-        caches = _triton_step.kernel(False).device_caches
-        n = sum(len(c[0]) for c in caches.values())
+        n = sum(len(c[0]) for k in _triton_step.KERNELS for c in _triton_step.kernel(False, k).device_caches.values())
         print(f"compiled specializations of the lowbit Triton kernel: {n} (one per format x state kind used)")
     except Exception:
         pass

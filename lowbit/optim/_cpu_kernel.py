@@ -40,7 +40,7 @@ def _enum(name: str) -> dict[str, int]:
 StepFlag = enum.IntFlag("StepFlag", _enum("lowbit_step_flag"))
 """Bits of ``StepArgs.flags``: ``MAXIMIZE``, ``COUPLED``, ``STOCHASTIC_ROUND``."""
 MODES = _enum("lowbit_mode")
-"""``{"MODE_FP32": 0, "MODE_Q8": 1, "MODE_Q4": 2, "MODE_FP8": 3}`` (``StateFormat.mode``)."""
+"""``{"MODE_FP32": 0, "MODE_Q8": 1, "MODE_Q4": 2, "MODE_FP8": 3, "MODE_Q4_RANK1": 4}`` (``StateFormat.mode``)."""
 
 _P = ctypes.c_void_p
 
@@ -54,6 +54,7 @@ class StepArgs(ctypes.Structure):
         ("params", _P), ("grads", _P), ("m_data", _P), ("m_scale", _P), ("v_data", _P), ("v_scale", _P),
         ("numels", _P), ("hyper", _P), ("seeds", _P),
         ("qmap_m", _P), ("qmap_v", _P), ("table_m", _P), ("table_v", _P), ("meta_m", _P), ("meta_v", _P),
+        ("v_row", _P), ("v_col", _P), ("cols", _P),
         ("flags", ctypes.c_int32), ("num_threads", ctypes.c_int32),
     ]
 
@@ -177,7 +178,7 @@ def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt
         m = [s["exp_avg_codes"] for s in states]
         v = [s[f"{fmt.v_key}_codes"] for s in states]
         ms = _ptrs([s["exp_avg_scale"] for s in states])
-        vs = _ptrs([s[f"{fmt.v_key}_scale"] for s in states])
+        vs = None if fmt.v_rank1 else _ptrs([s[f"{fmt.v_key}_scale"] for s in states])
         mode = fmt.mode
         cm, cv = codec_tables(fmt.m_codebook), codec_tables(fmt.v_codebook)
     hyper = hyper.contiguous()
@@ -186,6 +187,10 @@ def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt
     flags = ((StepFlag.MAXIMIZE if maximize else 0) | (StepFlag.COUPLED if coupled else 0)
              | (StepFlag.STOCHASTIC_ROUND if stochastic else 0))
     arrays = [_ptrs(params), _ptrs(grads), _ptrs(m), ms, _ptrs(v), vs]
+    rank1 = fmt is not None and fmt.v_rank1
+    cols = torch.tensor([p.shape[-1] if rank1 else 0 for p in params], dtype=torch.int64)
+    rank1_arrays = ([_ptrs([s["exp_avg_sq_row"] for s in states]), _ptrs([s["exp_avg_sq_col"] for s in states])]
+                    if rank1 else [None, None])
 
     def ptr(t):
         return None if t is None else t.data_ptr()
@@ -195,9 +200,10 @@ def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt
         *[ctypes.cast(a, _P) if a is not None else None for a in arrays],
         numels.data_ptr(), hyper.data_ptr(), seeds_t.data_ptr(),
         ptr(cm[0]), ptr(cv[0]), ptr(cm[1]), ptr(cv[1]), ptr(cm[2]), ptr(cv[2]),
+        *[ctypes.cast(a, _P) if a is not None else None for a in rank1_arrays], cols.data_ptr(),
         int(flags), torch.get_num_threads(),
     )
-    return args, [arrays, numels, hyper, seeds_t, cm, cv]
+    return args, [arrays, rank1_arrays, cols, numels, hyper, seeds_t, cm, cv]
 
 
 def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,

@@ -106,8 +106,12 @@ def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block
     else:
         m = blockwise.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], fmt.m_codebook,
                                            block_size, n)
-        v = blockwise.dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"],
-                                           fmt.v_codebook, block_size, n)
+        if fmt.v_rank1:
+            v = blockwise.dequantize_rank1(state["exp_avg_sq_codes"], state["exp_avg_sq_row"],
+                                           state["exp_avg_sq_col"], fmt.v_codebook)
+        else:
+            v = blockwise.dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"],
+                                               fmt.v_codebook, block_size, n)
     if fmt is not None and fmt.v_sqrt:
         v = v * v
     p32, m, v = adam_math(p32, g32, m, v, h, maximize, coupled)
@@ -123,7 +127,14 @@ def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block
         return
     if fmt.v_sqrt:
         v = _sqrt(v)
+    if fmt.v_rank1:
+        codes, row, col = blockwise.quantize_rank1(v.view(p.shape[0], p.shape[1]), fmt.v_codebook)
+        state["exp_avg_sq_codes"].copy_(codes)
+        state["exp_avg_sq_row"].copy_(row)
+        state["exp_avg_sq_col"].copy_(col)
     for key, x, book in (("exp_avg", m, fmt.m_codebook), (fmt.v_key, v, fmt.v_codebook)):
+        if fmt.v_rank1 and key == fmt.v_key:
+            continue
         if fmt.name == "fp8":
             codes, scale = blockwise.quantize_fp8_blockwise(x, block_size)
         else:

@@ -23,7 +23,6 @@ functions were wrapped for one mode when triton was imported and cannot be calle
 
 from __future__ import annotations
 
-import contextlib
 import types
 from collections import OrderedDict
 
@@ -40,8 +39,9 @@ ELEMS = 2048  # elements per program (ROWS blocks of BLOCK lanes)
 NUM_WARPS = 8
 # table layouts (constants of the device code too)
 STATIC_COLS = tl.constexpr(6)  # per parameter: param, m, v, m scale, v scale addresses, numel
-STEP_COLS = tl.constexpr(7)  # per parameter: gradient address, seed, then 9 fp32 hyper-parameters ...
-HYPER_SLOT = tl.constexpr(4)  # ... at fp32 slots 4..12
+STEP_COLS = tl.constexpr(11)  # per parameter: gradient address, seed, then 9 fp32 hyper-parameters ...
+HYPER_SLOT = tl.constexpr(4)  # ... at fp32 slots 4..12, then (rank-1 v) the old and new row / column scales
+RANK1_COL = tl.constexpr(7)  # ... addresses at int64 columns 7..10
 _PKIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -147,6 +147,22 @@ def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr):
     return q * scale
 
 
+def _store_codes4(code, blk, bs, n, codes_addr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Store 4-bit codes ([ROWS, BLOCK], 0 where invalid) two per byte, element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
+    k = tl.arange(0, BLOCK // 2)[None, :]
+    first = blk[:, None] * bs + 2 * k  # the even element of each byte
+    tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
+             mask=(2 * k < bs) & (first < n))
+
+
+def _rank1_scale(row_addr, col_addr, i, jj, valid):
+    """min(row[i], col[jj]) of a rank-1 normalized second moment (1 where not ``valid``)."""
+    r = tl.load(_ptr(row_addr, tl.float32) + i, mask=valid, other=1.0)
+    c = tl.load(_ptr(col_addr, tl.float32) + jj, mask=valid, other=1.0)
+    return tl.minimum(r, c)
+
+
 def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Blockwise-quantize ``x`` ([ROWS, BLOCK], one block per row) and store codes and scales.
@@ -162,12 +178,7 @@ def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE
     if MODE == 3:
         tl.store(_ptr(codes_addr, tl.uint8) + e, _encode_fp8(y), mask=valid)
     elif MODE == 2:
-        code = tl.where(valid, _nearest_code(y, t_ptr), 0)
-        lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
-        k = tl.arange(0, BLOCK // 2)[None, :]
-        first = blk[:, None] * bs + 2 * k  # the even element of each byte
-        tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
-                 mask=(2 * k < bs) & (first < n))
+        _store_codes4(tl.where(valid, _nearest_code(y, t_ptr), 0), blk, bs, n, codes_addr, ROWS, BLOCK)
     else:
         tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
 
@@ -207,12 +218,18 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
         v = tl.load(_ptr(v_addr, tl.float32) + e, mask=valid, other=0.0)
     else:
         rows_valid = blk * bs < n
-        ms_addr = tl.load(row + 3)
-        vs_addr = tl.load(row + 4)
-        sm = tl.load(_ptr(ms_addr, tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
-        sv = tl.load(_ptr(vs_addr, tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
-        m = _decode(m_addr, sm, e, valid, qm_ptr, MODE)
-        v = _decode(v_addr, sv, e, valid, qv_ptr, MODE)
+        sm = tl.load(_ptr(tl.load(row + 3), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+        if MODE == 4:  # rank-1 v: element (i, jj) scaled by min(row[i], col[jj]); static column 4 holds cols
+            m = _decode(m_addr, sm, e, valid, qm_ptr, 2)
+            cols = tl.load(row + 4)
+            i = e // cols
+            jj = e % cols
+            r1 = step_ptr + STEP_COLS * j + RANK1_COL
+            v = _decode(v_addr, _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
+        else:
+            sv = tl.load(_ptr(tl.load(row + 4), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+            m = _decode(m_addr, sm, e, valid, qm_ptr, MODE)
+            v = _decode(v_addr, sv, e, valid, qv_ptr, MODE)
         if MODE == 3:  # stored: sqrt(v)
             v = v * v
 
@@ -232,6 +249,14 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     if MODE == 0:
         tl.store(_ptr(m_addr, tl.float32) + e, m, mask=valid)
         tl.store(_ptr(v_addr, tl.float32) + e, v, mask=valid)
+    elif MODE == 4:
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, 2, ROWS, BLOCK)
+        # v with the new row / column scales (the maxima of the new v, from _rank1_max_kernel)
+        r1 = step_ptr + STEP_COLS * j + RANK1_COL
+        s_new = _rank1_scale(tl.load(r1 + 2), tl.load(r1 + 3), i, jj, valid)
+        y = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, v, 0.0) * tl.div_rn(
+            tl.full(s_new.shape, 1.0, tl.float32), s_new)
+        _store_codes4(tl.where(valid, _nearest_code(y, tv_ptr), 0), blk, bs, n, v_addr, ROWS, BLOCK)
     else:
         if MODE == 3:
             v = r
@@ -239,30 +264,60 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
         _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK)
 
 
+def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKIND: tl.constexpr,
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr):
+    """Pass 1 of a rank-1 bucket: the new second moment of every element (as _adam_kernel computes it),
+    its finite |v| max-ed into the new row and column scales (which start at 1e-30)."""
+    pid = tl.program_id(0)
+    j = tl.load(prog_ptr + 2 * pid)
+    blk = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, ROWS)
+    row = static_ptr + STATIC_COLS * j
+    n = tl.load(row + 5)
+    cols = tl.load(row + 4)
+    h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
+    col = tl.arange(0, BLOCK)[None, :]
+    e = blk[:, None] * bs + col
+    valid = (col < bs) & (e < n)
+    i = e // cols
+    jj = e % cols
+    r1 = step_ptr + STEP_COLS * j + RANK1_COL
+    v = _decode(tl.load(row + 2), _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
+    g = _load_float(tl.load(step_ptr + STEP_COLS * j), e, valid, PKIND)
+    if MAXIMIZE:
+        g = -g
+    if COUPLED:
+        g = g + tl.load(h + 8) * _load_float(tl.load(row), e, valid, PKIND)
+    v = tl.load(h + 2) * v + tl.load(h + 3) * (g * g)
+    a = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, tl.abs(v), 0.0)
+    tl.atomic_max(_ptr(tl.load(r1 + 2), tl.float32) + i, a, mask=valid)
+    tl.atomic_max(_ptr(tl.load(r1 + 3), tl.float32) + jj, a, mask=valid)
+
+
 _DEVICE_FUNCS = ("_max", "_ptr", "_load_float", "_rand16", "_store_param", "_decode_fp8", "_encode_fp8", "_nearest_code",
-                 "_decode", "_quantize_store")
-_kernels: dict[bool, object] = {}
+                 "_decode", "_store_codes4", "_rank1_scale", "_quantize_store")
+KERNELS = ("_adam_kernel", "_rank1_max_kernel")
+_kernels: dict[tuple[bool, str], object] = {}
 
 
-def kernel(interpret: bool):
-    """The step kernel, compiled (CUDA tensors) or interpreted (CPU tensors); built once each.
+def kernel(interpret: bool, name: str = "_adam_kernel"):
+    """A kernel of ``KERNELS``, compiled (CUDA tensors) or interpreted (CPU tensors); built once each.
 
     Each variant gets its own copies of the device functions, wrapped the same way: a compiled kernel
     calls compiled functions, an interpreted one interpreted functions."""
-    if interpret not in _kernels:
+    if (interpret, name) not in _kernels:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
         wrap = InterpretedFunction if interpret else JITFunction
-        names = {**dict.fromkeys(_DEVICE_FUNCS), "_adam_kernel": None}
         scope = dict(globals())
-        for name in names:
-            f = globals()[name]
-            scope[name] = wrap(types.FunctionType(f.__code__, scope, name, f.__defaults__))
+        for f_name in (*_DEVICE_FUNCS, *KERNELS):
+            f = globals()[f_name]
+            scope[f_name] = wrap(types.FunctionType(f.__code__, scope, f_name, f.__defaults__))
         if interpret:  # the interpreter reduces with numpy only for the library's own max (same result)
             scope["_max"] = tl.standard._elementwise_max
-        _kernels[interpret] = scope["_adam_kernel"]
-    return _kernels[interpret]
+        for k in KERNELS:
+            _kernels[interpret, k] = scope[k]
+    return _kernels[interpret, name]
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -315,41 +370,66 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None, block_size: int,
          hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool) -> None:
-    """Update ``params`` (one device and dtype, contiguous) and their states with one kernel launch.
+    """Update ``params`` (one device and dtype, contiguous) and their states with one kernel launch (rank-1
+    normalized 4-bit state: a fill and two launches).
 
     ``hyper``: fp32 ``[len(params), 9]`` (``_torch_step.HYPER_FIELDS``); ``fmt=None``: fp32 states.
     """
     device = params[0].device
+    rank1 = fmt is not None and fmt.v_rank1
     if fmt is None:
         bs = ELEMS
         keys = ("exp_avg", "exp_avg_sq", None, None)
         mode, books = FP32_MODE, (None, None)
     else:
         bs = block_size
-        keys = ("exp_avg_codes", f"{fmt.v_key}_codes", "exp_avg_scale", f"{fmt.v_key}_scale")
+        keys = ("exp_avg_codes", f"{fmt.v_key}_codes", "exp_avg_scale", None if rank1 else f"{fmt.v_key}_scale")
         mode, books = fmt.mode, (fmt.m_codebook, fmt.v_codebook)
     block = triton.next_power_of_2(bs)
     rows = max(1, ELEMS // block)
-    static = tuple(
-        (p.data_ptr(), *(s[k].data_ptr() if k else 0 for k in keys), p.numel())
-        for p, s in zip(params, states) if p.numel() > 0
-    )
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     if not live:
         return
+    static = tuple(  # (rank-1 v: column 4 holds the number of columns)
+        (params[i].data_ptr(), *(states[i][k].data_ptr() if k else 0 for k in keys[:3]),
+         params[i].shape[-1] if rank1 else states[i][keys[3]].data_ptr() if keys[3] else 0, params[i].numel())
+        for i in live
+    )
     table, progs = _table(device, static, bs, rows)
 
     per_step = torch.zeros((len(live), STEP_COLS.value), dtype=torch.int64)
     per_step[:, 0] = torch.tensor([grads[i].data_ptr() for i in live], dtype=torch.int64)
     per_step[:, 1] = torch.tensor([seeds[i] & 0xFFFFFFFF for i in live], dtype=torch.int64)
     per_step.view(torch.float32)[:, HYPER_SLOT.value:HYPER_SLOT.value + 9] = hyper[live]
+    if rank1:  # new row / column scales: one buffer for the bucket, starting at the scale floor
+        sizes = [(params[i].shape[0], params[i].shape[1]) for i in live]
+        fresh = torch.full((sum(r + c for r, c in sizes),), blockwise.SCALE_FLOOR, dtype=torch.float32,
+                           device=device)
+        new_rc, at = [], 0
+        for r, c in sizes:
+            new_rc.append((fresh[at:at + r], fresh[at + r:at + r + c]))
+            at += r + c
+        per_step[:, RANK1_COL.value:RANK1_COL.value + 4] = torch.tensor(
+            [(states[i]["exp_avg_sq_row"].data_ptr(), states[i]["exp_avg_sq_col"].data_ptr(), nr.data_ptr(),
+              nc.data_ptr()) for i, (nr, nc) in zip(live, new_rc)], dtype=torch.int64)
     step_t = _to_device(per_step, device)
 
     interpret = device.type != "cuda"
     grid = (progs.shape[0],)
-    with _quiet_numpy() if interpret else contextlib.nullcontext():
+    pkind = _PKIND[params[0].dtype]
+    with _quiet_numpy() if interpret else torch.cuda.device(device):  # launch on the parameters' GPU
+        if rank1:
+            kernel(interpret, "_rank1_max_kernel")[grid](
+                table, step_t, step_t.view(torch.float32), progs, _book("q", books[1], device), bs,
+                PKIND=pkind, BLOCK=block, ROWS=rows, MAXIMIZE=bool(maximize), COUPLED=bool(coupled),
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
         _launch(kernel(interpret)[grid], table, step_t, progs, books, device, bs, mode, params[0].dtype, block, rows,
                 maximize, coupled, stochastic)
+    if rank1:  # the new scales become the state (views of the bucket's buffer: no copy)
+        for i, (nr, nc) in zip(live, new_rc):
+            states[i]["exp_avg_sq_row"] = nr
+            states[i]["exp_avg_sq_col"] = nc
 
 
 def _quiet_numpy():

@@ -18,6 +18,7 @@ as if it were not there; the parameter element itself becomes NaN/inf (as with t
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -27,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from . import _cpu_kernel, backend, sharding
 from ._torch_step import hyper_row, torch_step
-from .formats import FORMATS, StateFormat, check_state, init_state, is_quantized
+from .formats import FORMATS, RANK1, StateFormat, check_state, init_state, is_quantized
 
 _MASK32 = 0xFFFFFFFF
 
@@ -43,6 +44,9 @@ class _AdamLowBit(torch.optim.Optimizer):
         block_size: elements per quantization block, a multiple of 8 up to 8192 (default 256; 4-bit 128).
         min_quant_size: tensors with fewer elements keep fp32 state (default 4096).
         bf16_stochastic_round: bf16 parameters: round the fp32 update stochastically.
+        v_norm: 4-bit only: ``"rank1"`` scales each element of a 2-D parameter's second moment by
+            min(its row's max, its column's max) (Li et al. 2023) instead of its block's absmax; other
+            parameters keep blockwise state (a warning names them). Default ``"blockwise"``.
 
     The step runs as the fused C++ kernel on CPU, one Triton kernel per bucket on CUDA, or the pure-torch
     step, all with the same bits (``lowbit.optim.backend``). State formats: ``lowbit.optim.formats``.
@@ -64,6 +68,7 @@ class _AdamLowBit(torch.optim.Optimizer):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         bf16_stochastic_round: bool = False,
+        v_norm: str = "blockwise",
     ) -> None:
         if weight_decay is None:
             weight_decay = 1e-2 if self._decoupled else 0.0
@@ -71,10 +76,28 @@ class _AdamLowBit(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             block_size=fmt.default_block_size if block_size is None else block_size,
-            min_quant_size=min_quant_size, bf16_stochastic_round=bf16_stochastic_round,
+            min_quant_size=min_quant_size, bf16_stochastic_round=bf16_stochastic_round, v_norm=v_norm,
         )
         _check_hparams(defaults, "defaults")
+        if v_norm == "rank1" and self._format != "4bit":
+            raise ValueError(f"{self.__class__.__name__}: v_norm='rank1' is for the 4-bit optimizers only")
+        self._rank1_warned: set[str] = set()
         super().__init__(params, defaults)
+
+    def _param_format(self, p: Tensor, group: dict, where: str) -> StateFormat:
+        """The state format of parameter ``p``: rank-1 ``v`` for 2-D plain tensors when asked, else the class's."""
+        fmt = FORMATS[self._format]
+        if group.get("v_norm", "blockwise") != "rank1" or not is_quantized(p, group["min_quant_size"]):
+            return fmt
+        why = ("it is a DTensor (the row and column maxima would need the whole tensor)" if isinstance(p, DTensor)
+               else None if p.dim() == 2 else f"it is {p.dim()}-D")
+        if why is None:
+            return RANK1
+        if where not in self._rank1_warned:
+            self._rank1_warned.add(where)
+            warnings.warn(f"{self.__class__.__name__}: v_norm='rank1' does not apply to {where} (shape "
+                          f"{list(p.shape)}): {why}; its second moment uses blockwise 4-bit state", stacklevel=4)
+        return fmt
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict) -> None:
@@ -109,18 +132,22 @@ class _AdamLowBit(torch.optim.Optimizer):
                     f"param_groups[{gi}] of the loaded state dict has {len(saved['params'])} params, "
                     f"this optimizer's has {len(group['params'])}"
                 )
-            settings = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            fmt = FORMATS[self._format]
+            # the layout options stay this optimizer's: a state of another layout must fail, not switch it
+            settings = {**group, **{k: v for k, v in saved.items() if k not in ("params", "v_norm")}}
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-                id_to_param[pid] = p, settings
+                fmt = self._param_format(p, settings, _where(group, gi, i))
+                id_to_param[pid] = p, settings, fmt
                 st = state_dict["state"].get(pid)
                 if st is not None:
                     check_state(st, p, fmt, settings["block_size"], settings["min_quant_size"], _where(group, gi, i))
         saved_state = state_dict["state"]
+        v_norms = [g.get("v_norm", "blockwise") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, v_norm in zip(self.param_groups, v_norms):
+            g["v_norm"] = v_norm
         # torch casts floating state to the param dtype; put back the exact saved tensors
         for pid, st in saved_state.items():
-            p, settings = id_to_param[pid]
+            p, settings, fmt = id_to_param[pid]
             mine = self.state[p]
             for k, v in st.items():
                 if isinstance(v, Tensor):
@@ -143,7 +170,6 @@ class _AdamLowBit(torch.optim.Optimizer):
 
     def _step_group(self, gi: int, group: dict) -> None:
         _check_hparams(group, f"param_groups[{gi}]")
-        fmt = FORMATS[self._format]
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
         bs, mqs = group["block_size"], group["min_quant_size"]
@@ -159,6 +185,7 @@ class _AdamLowBit(torch.optim.Optimizer):
                 raise TypeError(f"{self.__class__.__name__} does not support sparse gradients: {where}")
             if g.shape != p.shape:
                 raise ValueError(f"gradient of {where} has shape {list(g.shape)}, parameter {list(p.shape)}")
+            fmt = self._param_format(p, group, where)
             kind = sharding.plan(p, fmt, bs, mqs) if isinstance(p, DTensor) else None
             state = self.state[p]
             if not state:
@@ -181,10 +208,9 @@ class _AdamLowBit(torch.optim.Optimizer):
                 if p.numel() == 0:
                     continue
             impl = backend.choose(p, g, where)
-            buckets[(impl, p.device, p.dtype, quant)].append((p, g, state, row))
+            buckets[(impl, p.device, p.dtype, fmt if quant else None)].append((p, g, state, row))
 
-        for (impl, _device, dtype, quant), items in buckets.items():
-            f: StateFormat | None = fmt if quant else None
+        for (impl, _device, dtype, f), items in buckets.items():
             hyper = torch.tensor([it[3] for it in items], dtype=torch.float32)
             stochastic = sr and dtype == torch.bfloat16
             seeds = _sr_seeds(len(items)) if stochastic else [0] * len(items)
@@ -249,6 +275,8 @@ def _check_hparams(group: dict, where: str) -> None:
         raise ValueError(f"{where}: min_quant_size must be an int >= 0, got {mqs!r}")
     if not isinstance(group["maximize"], bool):
         raise TypeError(f"{where}: maximize must be a bool, got {group['maximize']!r}")
+    if group.get("v_norm", "blockwise") not in ("blockwise", "rank1"):
+        raise ValueError(f"{where}: v_norm must be 'blockwise' or 'rank1', got {group['v_norm']!r}")
 
 
 class AdamW8bit(_AdamLowBit):

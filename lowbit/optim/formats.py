@@ -8,7 +8,10 @@ Per parameter the state is a dict of plain tensors (loads with ``torch.load(weig
   packed for 4-bit) and ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32 ``[ceil(n / block_size)]``);
   fp8 stores the second moment as its square root, under ``exp_avg_sqrt_codes`` /
   ``exp_avg_sqrt_scale`` (float8_e4m3fn ``[n]`` codes);
-- smaller tensors: ``exp_avg`` / ``exp_avg_sq``, fp32 with the parameter's shape.
+- smaller tensors: ``exp_avg`` / ``exp_avg_sq``, fp32 with the parameter's shape;
+- 4-bit with ``v_norm="rank1"`` (2-D parameters): ``exp_avg_*`` as above, ``exp_avg_sq_codes`` packed
+  ``[ceil(n/2)]`` and ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (fp32 ``[rows]`` / ``[cols]``): element
+  ``(i, j)`` of ``v`` is ``map[code] * min(row[i], col[j])`` (rank-1 normalization, Li et al. 2023).
 
 Why fp8 keeps ``sqrt(v)``: with absmax/448 per block, e4m3 flushes values below ``absmax * 2**-10 /
 448`` to 0 and keeps only a few bits just above that. ``v`` spans the square of the gradients' range, so
@@ -36,6 +39,7 @@ class StateFormat:
     v_codebook: str | None
     default_block_size: int
     v_sqrt: bool = False  # the second moment is stored as sqrt(v)
+    v_rank1: bool = False  # the second moment is rank-1 normalized (2-D parameters; 4-bit)
 
     @property
     def v_key(self) -> str:
@@ -55,6 +59,8 @@ FORMATS = {
     "4bit": StateFormat("4bit", 2, "dynamic4_signed", "linear4_unsigned", 128),
     "fp8": StateFormat("fp8", 3, None, None, 256, v_sqrt=True),
 }
+# AdamW4bit(v_norm="rank1") for 2-D parameters: m as "4bit"; v's codes scaled by min(row max, column max)
+RANK1 = StateFormat("4bit", 4, "dynamic4_signed", "linear4_unsigned", 128, v_rank1=True)
 FP32_MODE = 0
 FP32_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -77,15 +83,14 @@ def init_state(p: Tensor, fmt: StateFormat, block_size: int, min_quant_size: int
         state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return state
-    n = p.numel()
-    nb = blockwise.num_blocks(n, block_size)
-    for key, book in (("exp_avg", fmt.m_codebook), (fmt.v_key, fmt.v_codebook)):
-        z = _zero_code(book)
-        if fmt.name == "4bit":
-            z = z | (z << 4)
-        codes = torch.full((fmt.code_numel(n),), z, dtype=torch.uint8, device=p.device)
-        state[f"{key}_codes"] = codes.view(fmt.code_dtype)
-        state[f"{key}_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+    for key, (dtype, shape) in expected_layout(p, fmt, block_size, min_quant_size).items():
+        if key.endswith("_codes"):
+            z = _zero_code(fmt.m_codebook if key == "exp_avg_codes" else fmt.v_codebook)
+            if fmt.name == "4bit":
+                z = z | (z << 4)
+            state[key] = torch.full(shape, z, dtype=torch.uint8, device=p.device).view(dtype)
+        else:
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
     return state
 
 
@@ -99,13 +104,19 @@ def expected_layout(p: Tensor, fmt: StateFormat, block_size: int, min_quant_size
     for key in ("exp_avg", fmt.v_key):
         out[f"{key}_codes"] = (fmt.code_dtype, (fmt.code_numel(n),))
         out[f"{key}_scale"] = (torch.float32, (nb,))
+    if fmt.v_rank1:
+        del out[f"{fmt.v_key}_scale"]
+        out[f"{fmt.v_key}_row"] = (torch.float32, (p.shape[0],))
+        out[f"{fmt.v_key}_col"] = (torch.float32, (p.shape[1],))
     return out
 
 
 def check_state(state: dict, p: Tensor, fmt: StateFormat, block_size: int, min_quant_size: int, where: str) -> None:
     """Raise ``ValueError`` naming ``where`` if ``state`` does not have the expected layout."""
     want = expected_layout(p, fmt, block_size, min_quant_size)
-    kind = f"{fmt.name} (block_size={block_size})" if is_quantized(p, min_quant_size) else "fp32"
+    kind = "fp32"
+    if is_quantized(p, min_quant_size):
+        kind = f"{fmt.name}{' rank-1 v_norm' if fmt.v_rank1 else ''} (block_size={block_size})"
     keys = set(state) - {"step"}
     if keys != set(want):
         raise ValueError(

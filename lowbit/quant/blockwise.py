@@ -289,3 +289,44 @@ def encode_with_cell_table(x: Tensor, table: Tensor, meta: dict[str, int]) -> Te
     off = (a & mask) ^ torch.where(neg, mask, 0)
     e = table.long()[cell] & 0xFFFFFFFF
     return (e >> 23) - (off < (e & 0x7FFFFF)).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# rank-1 normalization (Li et al. 2023): a 2-D tensor's element (i, j) is scaled by
+# min(row max_i, column max_j) instead of its block's absmax
+# ---------------------------------------------------------------------------------------------
+
+
+def rank1_scales(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column maxima of ``|x|`` over finite elements of 2-D ``x``, floored at 1e-30: fp32
+    ``[rows]``, ``[cols]``."""
+    a = torch.where(torch.isfinite(x), x.float().abs(), 0.0)
+    return a.amax(dim=1).clamp_min(SCALE_FLOOR), a.amax(dim=0).clamp_min(SCALE_FLOOR)
+
+
+def rank1_scale(row: Tensor, col: Tensor) -> Tensor:
+    """Each element's scale ``min(row[i], col[j])``, flat fp32 ``[rows * cols]``."""
+    return torch.minimum(row[:, None], col[None, :]).reshape(-1)
+
+
+def quantize_rank1(x: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-1-normalized codebook quantization of 2-D ``x``: ``code = nearest(x * (1 / min(row, col)))``,
+    non-finite elements as the code of 0.
+
+    Returns ``(codes, row, col)``: uint8 ``[n]`` or packed ``[ceil(n/2)]`` (4-bit maps), fp32 ``[rows]``,
+    ``[cols]``."""
+    row, col = rank1_scales(x)
+    flat = x.reshape(-1).float()
+    y = torch.where(torch.isfinite(flat), flat * (1.0 / rank1_scale(row, col)), 0.0)
+    codes = nearest_code(y, name)
+    if codebook_bits(name) == 4:
+        codes = pack_nibbles(codes)
+    return codes, row, col
+
+
+def dequantize_rank1(codes: Tensor, row: Tensor, col: Tensor, name: str) -> Tensor:
+    """``map[code] * min(row[i], col[j])`` in fp32, flat ``[rows * cols]``."""
+    n = row.numel() * col.numel()
+    if codebook_bits(name) == 4:
+        codes = unpack_nibbles(codes, n)
+    return codebook(name, codes.device)[codes.long()] * rank1_scale(row, col)

@@ -92,6 +92,36 @@ def _encode(x: np.ndarray, book: np.ndarray | None, bits: int, bs: int):
     return (out.view(torch.float8_e4m3fn) if book is None else out), torch.from_numpy(scales)
 
 
+def _decode_rank1(codes: torch.Tensor, row: np.ndarray, col: np.ndarray, book: np.ndarray) -> np.ndarray:
+    """4-bit codes scaled by min(row max, column max), one element at a time."""
+    c = codes.cpu().view(torch.uint8).numpy().astype(np.int64)
+    c = np.stack([c & 15, c >> 4], axis=1).reshape(-1)
+    out = np.empty(row.size * col.size, dtype=f32)
+    for i in range(row.size):
+        for j in range(col.size):
+            k = i * col.size + j
+            out[k] = book[c[k]] * min(row[i], col[j])
+    return out
+
+
+def _encode_rank1(x: np.ndarray, book: np.ndarray):
+    """Row and column maxima over finite |x| (floored at 1e-30), code = nearest(x * (1 / min(row, col)))."""
+    fin = np.isfinite(x)
+    a = np.where(fin, np.abs(x), f32(0)).astype(f32)
+    row = np.maximum(a.max(axis=1), f32(1e-30)).astype(f32)
+    col = np.maximum(a.max(axis=0), f32(1e-30)).astype(f32)
+    y = np.empty(x.size, dtype=f32)
+    for i in range(row.size):
+        for j in range(col.size):
+            inv = f32(f32(1.0) / min(row[i], col[j]))
+            y[i * col.size + j] = x[i, j] * inv if fin[i, j] else f32(0)
+    codes = nearest_codes(y, book)
+    if codes.size % 2:
+        codes = np.append(codes, 0)
+    packed = torch.from_numpy((codes[0::2] | (codes[1::2] << 4)).astype(np.uint8))
+    return packed, torch.from_numpy(row), torch.from_numpy(col)
+
+
 BOOKS = {
     "8bit": ("dynamic8_signed", "dynamic8_unsigned", 8),
     "4bit": ("dynamic4_signed", "linear4_unsigned", 4),
@@ -116,13 +146,18 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
     P = p.detach().cpu().float().reshape(-1).numpy().copy()
     G = g.detach().cpu().float().reshape(-1).numpy().copy()
     quant = "exp_avg_codes" in state
+    rank1 = "exp_avg_sq_row" in state
     vkey = "exp_avg_sqrt" if fmt == "fp8" else "exp_avg_sq"
     if quant:
         mb, vb, bits = BOOKS[fmt]
         qm = None if mb is None else books[mb]
         qv = None if vb is None else books[vb]
         M = _decode(state["exp_avg_codes"], state["exp_avg_scale"].cpu().numpy(), qm, bits, n, block_size)
-        V = _decode(state[f"{vkey}_codes"], state[f"{vkey}_scale"].cpu().numpy(), qv, bits, n, block_size)
+        if rank1:
+            V = _decode_rank1(state["exp_avg_sq_codes"], state["exp_avg_sq_row"].cpu().numpy(),
+                              state["exp_avg_sq_col"].cpu().numpy(), qv)
+        else:
+            V = _decode(state[f"{vkey}_codes"], state[f"{vkey}_scale"].cpu().numpy(), qv, bits, n, block_size)
         if fmt == "fp8":  # stored: sqrt(v)
             V = V * V
     else:
@@ -145,7 +180,11 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
         with np.errstate(all="ignore"):
             new_state["exp_avg_codes"], new_state["exp_avg_scale"] = _encode(M, qm, bits, block_size)
             stored = np.sqrt(V) if fmt == "fp8" else V
-            new_state[f"{vkey}_codes"], new_state[f"{vkey}_scale"] = _encode(stored, qv, bits, block_size)
+            if rank1:
+                (new_state["exp_avg_sq_codes"], new_state["exp_avg_sq_row"],
+                 new_state["exp_avg_sq_col"]) = _encode_rank1(V.reshape(p.shape[0], p.shape[1]), qv)
+            else:
+                new_state[f"{vkey}_codes"], new_state[f"{vkey}_scale"] = _encode(stored, qv, bits, block_size)
     else:
         new_state["exp_avg"] = torch.from_numpy(M).view(p.shape)
         new_state["exp_avg_sq"] = torch.from_numpy(V).view(p.shape)

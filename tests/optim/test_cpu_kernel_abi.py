@@ -3,14 +3,15 @@
 import ctypes
 
 from lowbit.optim import _cpu_kernel
-from lowbit.optim.formats import FORMATS, FP32_MODE
+from lowbit.optim.formats import FORMATS, FP32_MODE, RANK1
 
 from . import kernel_testing
 
 
 def test_modes_and_flags_come_from_the_header():
     assert _cpu_kernel.MODES == {"MODE_FP32": FP32_MODE, "MODE_Q8": FORMATS["8bit"].mode,
-                                 "MODE_Q4": FORMATS["4bit"].mode, "MODE_FP8": FORMATS["fp8"].mode}
+                                 "MODE_Q4": FORMATS["4bit"].mode, "MODE_FP8": FORMATS["fp8"].mode,
+                                 "MODE_Q4_RANK1": RANK1.mode}
     assert {f.name: f.value for f in _cpu_kernel.StepFlag} == {"MAXIMIZE": 1, "COUPLED": 2, "STOCHASTIC_ROUND": 4}
 
 

@@ -119,6 +119,21 @@ def test_one_launch_per_bucket_and_no_respecialization(monkeypatch):
     assert {key for _, key in launches[12:]} <= seen
 
 
+def test_rank1_bucket_launches_twice(monkeypatch):
+    monkeypatch.setenv(backend.ENV, "triton")
+    launches = _count_launches(monkeypatch)
+    kern = _triton_step.kernel(True, "_rank1_max_kernel")
+    first = []
+    monkeypatch.setattr(kern, "run", lambda *a, _run=kern.run, **k: first.append(1) or _run(*a, **k))
+    ws = [torch.nn.Parameter(torch.randn(40, 130)), torch.nn.Parameter(torch.randn(70, 64))]
+    opt = lo.AdamW4bit(ws, lr=1e-2, min_quant_size=1024, v_norm="rank1")
+    for _ in range(2):
+        for w in ws:
+            w.grad = torch.randn_like(w)
+        opt.step()
+    assert len(first) == len(launches) == 2  # per step: one pass-1 and one pass-2 launch for both parameters
+
+
 def test_launch_skips_empty_parameters(monkeypatch):
     monkeypatch.setenv(backend.ENV, "triton")
     launches = _count_launches(monkeypatch)
@@ -140,20 +155,29 @@ def test_compiled_kernel_has_exact_fp32_ops():
         sig = {n: "*i64" for n in ("static_ptr", "step_ptr", "prog_ptr")}
         sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32")
         ptx = {}
-        for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False)]:
-            block = 128 if mode == 2 else 256
+        for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False), (4, 1, True)]:
+            block = 128 if mode in (2, 4) else 256
             const = dict(MODE=mode, PKIND=pkind, BLOCK=block, ROWS=_triton_step.ELEMS // block, MAXIMIZE=True,
                          COUPLED=True, SR=sr)
             src = ASTSource(fn=k, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
             ptx[mode] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                        options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
+        r1 = _triton_step.kernel(interpret=False, name="_rank1_max_kernel")
+        const = dict(PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True)
+        sig1 = {**{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
+                **dict.fromkeys(const, "constexpr")}
+        ptx["rank1 pass 1"] = triton.compile(ASTSource(fn=r1, signature=sig1, constexprs=const),
+                                             target=GPUTarget("cuda", 90, 32),
+                                             options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
     except Exception as e:  # no CUDA toolchain in this triton build
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {e}")
     for mode, text in ptx.items():
         ops = set(re.findall(r"^\s*(?:@%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)", text, re.M))
         fp = {o for o in ops if re.search(r"\.(f32|f16|bf16)\b", o)}
         assert not {o for o in fp if o.startswith("fma") or ".approx" in o or ".ftz" in o}, (mode, fp)
-        assert "div.rn.f32" in fp and "sqrt.rn.f32" in fp and not any(o.startswith("rcp") for o in fp), fp
+        assert not any(o.startswith("rcp") for o in fp), fp
+        if mode != "rank1 pass 1":
+            assert "div.rn.f32" in fp and "sqrt.rn.f32" in fp, fp
 
 
 def test_bad_backend_name(monkeypatch):

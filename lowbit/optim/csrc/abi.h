@@ -11,6 +11,7 @@ enum lowbit_mode {
   LOWBIT_MODE_Q8 = 1,    // 8-bit dynamic-tree codes + fp32 block scales
   LOWBIT_MODE_Q4 = 2,    // 4-bit codes, two per byte + fp32 block scales
   LOWBIT_MODE_FP8 = 3,   // e4m3 codes of m and sqrt(v) + fp32 block scales
+  LOWBIT_MODE_Q4_RANK1 = 4,  // 2-D parameters: m as Q4; v's 4-bit codes scaled by min(row max, column max)
 };
 
 // Bits of lowbit_step_args.flags.
@@ -42,6 +43,9 @@ struct lowbit_step_args {
   const int32_t* table_v;
   const int32_t* meta_m;  // ... with a_lo, a_hi, shift, ncells
   const int32_t* meta_v;
+  float** v_row;  // LOWBIT_MODE_Q4_RANK1: v's row and column scales ([rows], [cols] fp32; v_scale unused)
+  float** v_col;
+  const int64_t* cols;  // LOWBIT_MODE_Q4_RANK1: columns per parameter (rows = numel / cols)
   int32_t flags;  // lowbit_step_flag bits
   int32_t num_threads;
 };

@@ -8,6 +8,7 @@
 //   codecs.h      the state formats: decode and exact nearest-code encode (scalar and AVX2)
 //   adam_scalar.h the scalar step (the reference form; partial blocks, CPUs without AVX2)
 //   adam_avx2.h   the same on 8 lanes, whole blocks as a software pipeline
+//   rank1.h       4-bit state with a rank-1 normalized second moment (two passes per parameter)
 //   driver.h      argument checks, tasks of whole blocks on OpenMP threads
 #include "driver.h"
 

@@ -16,7 +16,8 @@
 namespace lowbit {
 namespace {  // internal linkage: each library is one translation unit (and GCC inlines more)
 
-enum Mode { FP32 = LOWBIT_MODE_FP32, Q8 = LOWBIT_MODE_Q8, Q4 = LOWBIT_MODE_Q4, FP8 = LOWBIT_MODE_FP8 };
+enum Mode { FP32 = LOWBIT_MODE_FP32, Q8 = LOWBIT_MODE_Q8, Q4 = LOWBIT_MODE_Q4, FP8 = LOWBIT_MODE_FP8,
+            Q4_RANK1 = LOWBIT_MODE_Q4_RANK1 };
 constexpr int MAX_BLOCK = 8192;
 constexpr float SCALE_FLOOR = 1e-30f;
 constexpr float FP8_MAX = 448.0f;

@@ -5,6 +5,7 @@
 
 #include "adam_avx2.h"
 #include "adam_scalar.h"
+#include "rank1.h"
 
 namespace lowbit {
 namespace {  // internal linkage: each library is one translation unit (and GCC inlines more)
@@ -56,9 +57,9 @@ void run_task(int64_t b0, int64_t b1, int64_t numel, void* pp, void* gp, void* m
 inline int adam_step(const lowbit_step_args& a, const Variant& var) {
   const int64_t bs = a.block_size;
   if (bs <= 0 || bs > MAX_BLOCK || bs % 8 != 0) return -1;
-  if (a.mode < FP32 || a.mode > FP8) return -2;
+  if (a.mode < FP32 || a.mode > Q4_RANK1) return -2;
   Codec cm{a.qmap_m, a.table_m, 0, 0, 1, 0}, cv{a.qmap_v, a.table_v, 0, 0, 1, 0};
-  if (a.mode == Q8 || a.mode == Q4) {
+  if (a.mode == Q8 || a.mode == Q4 || a.mode == Q4_RANK1) {
     cm = Codec{a.qmap_m, a.table_m, a.meta_m[0], a.meta_m[1], a.meta_m[2], a.meta_m[3]};
     cv = Codec{a.qmap_v, a.table_v, a.meta_v[0], a.meta_v[1], a.meta_v[2], a.meta_v[3]};
   }
@@ -80,6 +81,27 @@ inline int adam_step(const lowbit_step_args& a, const Variant& var) {
   const Formats F{a.mode, bs, &cm, &cv, f8m.ok ? &f8m : nullptr, f8v.ok ? &f8v : nullptr,
                   a.mode == Q4 && arith ? &f4m : nullptr, a.mode == Q4 && arith ? &f4v : nullptr,
                   a.mode == FP8 && arith};
+  std::vector<Hyper> hs(a.n_params);
+  for (int64_t j = 0; j < a.n_params; ++j) {
+    const float* r = a.hyper + 9 * j;
+    hs[j] = Hyper{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], a.seeds[j],
+                  (a.flags & LOWBIT_MAXIMIZE) != 0, (a.flags & LOWBIT_COUPLED) != 0,
+                  (a.flags & LOWBIT_STOCHASTIC_ROUND) != 0};
+  }
+  if (a.mode == Q4_RANK1) {  // one parameter at a time, each on all threads
+    for (int64_t j = 0; j < a.n_params; ++j) {
+      if (a.cols[j] <= 0 || a.numels[j] % a.cols[j] != 0) return -3;
+      if (a.param_bf16)
+        rank1_param<uint16_t>((uint16_t*)a.params[j], (const uint16_t*)a.grads[j], (uint8_t*)a.m_data[j],
+                              a.m_scale[j], (uint8_t*)a.v_data[j], a.v_row[j], a.v_col[j], a.numels[j], a.cols[j],
+                              hs[j], F, std::max(1, a.num_threads));
+      else
+        rank1_param<float>((float*)a.params[j], (const float*)a.grads[j], (uint8_t*)a.m_data[j], a.m_scale[j],
+                           (uint8_t*)a.v_data[j], a.v_row[j], a.v_col[j], a.numels[j], a.cols[j], hs[j], F,
+                           std::max(1, a.num_threads));
+    }
+    return 0;
+  }
   // tasks of whole blocks, about 16K elements each
   const int64_t per_task = std::max<int64_t>(1, 16384 / bs);
   struct Task { int64_t j, b0, b1; };
@@ -87,13 +109,6 @@ inline int adam_step(const lowbit_step_args& a, const Variant& var) {
   for (int64_t j = 0; j < a.n_params; ++j) {
     const int64_t nb = (a.numels[j] + bs - 1) / bs;
     for (int64_t b = 0; b < nb; b += per_task) tasks.push_back({j, b, std::min(nb, b + per_task)});
-  }
-  std::vector<Hyper> hs(a.n_params);
-  for (int64_t j = 0; j < a.n_params; ++j) {
-    const float* r = a.hyper + 9 * j;
-    hs[j] = Hyper{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], a.seeds[j],
-                  (a.flags & LOWBIT_MAXIMIZE) != 0, (a.flags & LOWBIT_COUPLED) != 0,
-                  (a.flags & LOWBIT_STOCHASTIC_ROUND) != 0};
   }
   const int64_t nt = (int64_t)tasks.size();
   const int threads = std::max(1, std::min<int>(a.num_threads, (int)nt));
