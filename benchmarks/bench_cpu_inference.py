@@ -1,4 +1,5 @@
-"""CPU decode throughput per quantization scheme vs the fp32 eager baseline (issue 6 bars), in one process.
+"""CPU decode throughput per quantization scheme vs the fp32 eager baseline (the CPU
+inference bars of benchmarks/RESULTS.md), in one process.
 
     .venv/bin/python benchmarks/bench_cpu_inference.py [--preset small_150m] [--rounds 5] [--steps 24]
 

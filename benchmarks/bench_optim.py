@@ -1,6 +1,6 @@
 """Low-bit optimizer step time and state memory vs torch AdamW, torchao and bitsandbytes (CPU).
 
-Setup (issue 3): 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer
+Setup: 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every optimizer
 owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
 all peers see the same machine load; the figure is the median per optimizer.
 

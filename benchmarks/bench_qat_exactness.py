@@ -7,7 +7,7 @@ sum_k |x_k w_k|; then the same for the whole tiny model's logits (per-layer diff
 
     .venv/bin/python benchmarks/bench_qat_exactness.py
 
-Bar (issue 4): bit-for-bit, or <= 1 bf16 ulp where the real kernel accumulates differently (4w).
+Bar: bit-for-bit, or <= 1 bf16 ulp where the real kernel accumulates differently (4w).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Pretrain the tiny model from scratch three times with identical data, steps, seed and optimizer: without
 float8, with ``float8.recipe=tensorwise`` and with ``float8.recipe=rowwise`` (``torch._scaled_mm``, which
-runs on CPU: correct but not fast, so ``step_ms`` shows the CPU cost, not the H100 gain). The bar (issue
-#5): the float8 runs' final loss within 1% of the run without float8. Each checkpoint is then evaluated
+runs on CPU: correct but not fast, so ``step_ms`` shows the CPU cost, not the H100 gain). The bar: the
+float8 runs' final loss within 1% of the run without float8. Each checkpoint is then evaluated
 (acc_norm) like any other: ``Float8Linear`` saves a plain ``nn.Linear`` state dict.
 """
 

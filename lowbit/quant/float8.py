@@ -1,6 +1,6 @@
 """float8 casts and the scaled GEMM: pure functions used by ``lowbit.float8`` (no nn.Module).
 
-Conventions (DESIGN.md, "float8"):
+Conventions (docs/design.md, "Numerics contracts"):
 
 * ``scale`` multiplies a high-precision tensor into the float8 range: ``x_fp8 = sat(x * scale)``,
   ``x ~= x_fp8 / scale``. It is ``fp8_max / clamp(amax, 1e-12)``, computed in float64 and rounded once
