@@ -61,20 +61,21 @@ def _run_arm(name: str, out: Path, eval_file: Path, base_ckpt: Path, base_overri
 
 
 def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms: list[str] = DEFAULT_ARMS,
-             num_items: int = 500) -> dict:
+             num_items: int = 500, overrides: list[str] = ()) -> dict:
     """Run the demo into ``out``; returns a summary dict and writes ``out/report.md``.
 
     The base run pretrains for ``steps`` (default: the config's); each arm's training runs use
-    ``arm_steps`` so that all arms fit in a few minutes on 2 cores.
+    ``arm_steps`` so that all arms fit in a few minutes on 2 cores. ``overrides`` (``key=value`` for
+    ``tiny_pretrain``) apply to every run, base and arms (e.g. a smaller model for a quick check).
     """
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     eval_file = write_jsonl(generate_hellaswag(num_items, seed=0), out / "data" / "hellaswag_local.jsonl")
-    arm_overrides = [f"max_steps={arm_steps}", "checkpoint_every=0"]
+    arm_overrides = [*overrides, f"max_steps={arm_steps}", "checkpoint_every=0"]
 
     log.info("pretraining the tiny preset on the generated corpus")
     base_args = [f"max_steps={steps}"] if steps else []
-    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_args, f"output_dir={out / 'base'}"])
+    base = run_recipe("finetune_recipe", "tiny_pretrain", [*overrides, *base_args, f"output_dir={out / 'base'}"])
     summary = json.loads((base.output_dir / "summary.json").read_text())
     base_ckpt = Path(summary["checkpoint"])
     model, _, meta = load_checkpoint(base_ckpt)
