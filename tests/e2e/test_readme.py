@@ -66,6 +66,7 @@ def test_quickstart_parser_finds_the_commands():
     assert quickstart_commands(text) == ["lowbit run a    b=1"]
 
 
+@pytest.mark.slow  # ~2 minutes: eight commands, three lm-eval evaluations
 def test_readme_quickstart_commands_run(tmp_path, monkeypatch):
     commands = quickstart_commands((ROOT / "README.md").read_text())
     assert any(c.startswith("lowbit eval --checkpoint lowbit_demo/base") for c in commands)
