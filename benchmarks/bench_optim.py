@@ -4,12 +4,14 @@ Setup: 8 square 1024x1024 linears (8.4M params), fixed random gradients. Every o
 owns a copy of the params; steps are timed round-robin (one step of each optimizer per round) so
 all peers see the same machine load; the figure is the median per optimizer.
 
-    .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] [--no-external]
+    .venv/bin/python benchmarks/bench_optim.py [--threads N] [--rounds R] [--dtype fp32|bf16|both] \
+        [--no-external]
 
 Quality (the demo's optimizer arm: tiny-model pretraining with fp32 AdamW, AdamW8bit, AdamWFp8,
 AdamW4bit; same steps, data, seed; final loss = mean of the last 20 training losses):
 
-    .venv/bin/python benchmarks/bench_optim.py --quality [--workdir DIR] [--optimizers adamw,adamwfp8] [key=value ...]
+    .venv/bin/python benchmarks/bench_optim.py --quality [--workdir DIR] [--optimizers adamw,adamwfp8] \
+        [key=value ...]
 
 (``--optimizers``: a subset, by lower-cased name; runs are seeded, so subsets run as separate processes
 give the same losses as one process running all of them, and "vs" compares with the first one listed.)
@@ -78,7 +80,10 @@ def peers(dtype, external=True):
             out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None)
         except Exception as e:  # pragma: no cover
             print(f"bitsandbytes unavailable: {e}")
-    out["lowbit AdamW8bit"] = (lambda ps: lo.AdamW8bit(ps, lr=1e-3), ["torchao AdamW8bit", "bitsandbytes AdamW8bit"])
+    out["lowbit AdamW8bit"] = (
+        lambda ps: lo.AdamW8bit(ps, lr=1e-3),
+        ["torchao AdamW8bit", "bitsandbytes AdamW8bit"],
+    )
     out["lowbit AdamW4bit"] = (lambda ps: lo.AdamW4bit(ps, lr=1e-3), ["torchao AdamW4bit"])
     out["lowbit AdamWFp8"] = (lambda ps: lo.AdamWFp8(ps, lr=1e-3), ["torchao AdamWFp8"])
     return out
@@ -132,7 +137,8 @@ opt = AdamW8bit(ps, lr=1e-3); opt.step()
 t2 = time.perf_counter()
 opt.step()
 t3 = time.perf_counter()
-print(f"first step incl. C++ build: {t2 - t1:.2f} s (import {t1 - t0:.2f} s); second step {1e3 * (t3 - t2):.1f} ms")
+print(f"first step incl. C++ build: {t2 - t1:.2f} s (import {t1 - t0:.2f} s); "
+      f"second step {1e3 * (t3 - t2):.1f} ms")
 """
 
 
@@ -162,8 +168,11 @@ def quality(workdir, overrides, only=None):
         opts = {by_key[k]: opts[by_key[k]] for k in only}
     t0 = time.perf_counter()
     out = run_optim_arm(workdir, eval_file, ["progress_bar=false", *overrides], optimizers=opts)
-    print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, threads={torch.get_num_threads()}, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, "
+        f"threads={torch.get_num_threads()}, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print(out["markdown"])
 
 
@@ -187,7 +196,12 @@ def main():
     if not args.no_first_step:
         first_step()
     for d in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds, not args.no_external)
+        run(
+            torch.float32 if d == "fp32" else torch.bfloat16,
+            args.rounds,
+            args.slow_rounds,
+            not args.no_external,
+        )
 
 
 if __name__ == "__main__":

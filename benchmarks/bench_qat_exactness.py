@@ -61,7 +61,10 @@ def model_stats(scheme: str, dtype: torch.dtype):
 
 
 def main() -> None:
-    print(f"{'scheme':7s} {'dtype':9s} {'x range':8s} {'differing':>16s} {'max abs diff':>13s} {'max ulp(bf16)':>14s}")
+    print(
+        f"{'scheme':7s} {'dtype':9s} {'x range':8s} {'differing':>16s} {'max abs diff':>13s} "
+        f"{'max ulp(bf16)':>14s}"
+    )
     for scheme in qat.SCHEMES:
         for dtype in (torch.float32, torch.bfloat16):
             for small in (False, True):

@@ -123,8 +123,12 @@ def _bench_parser() -> argparse.ArgumentParser:
                       help="torch.compile with the CPU Inductor flags (default)")
     mode.add_argument("--eager", dest="modes", action="store_const", const=("eager",))
     mode.add_argument("--both", dest="modes", action="store_const", const=("eager", "compiled"))
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
-                   help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *sorted(DTYPE_NAMES)],
+        help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype",
+    )
     p.add_argument("--group-size", type=int, default=None, help="group size for 4w / 8da4w")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -167,7 +171,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    """``lowbit demo``: pretrain the tiny preset offline, evaluate it, run the feature arms, write a report."""
+    """``lowbit demo``: pretrain the tiny preset offline, evaluate it, run the arms, write a report."""
     from lowbit.demo import ARMS, DEFAULT_ARMS
 
     p = argparse.ArgumentParser(prog="lowbit demo", description="Pretrain the tiny preset offline, evaluate "

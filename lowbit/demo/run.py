@@ -1,5 +1,5 @@
-"""The demo (``lowbit demo``): pretrain the tiny preset offline, evaluate it with lm-eval, run each feature's arm,
-and write one markdown report (plus PNG plots) next to the runs.
+"""The demo (``lowbit demo``): pretrain the tiny preset offline, evaluate it with lm-eval, run each
+feature's arm, and write one markdown report (plus PNG plots) next to the runs.
 
 Arms (each in its own module, chosen with ``--arms``):
 ``optim`` (AdamW vs AdamW8bit / AdamW4bit), ``qat`` (float vs PTQ vs QAT), ``float8`` (loss parity),
@@ -75,7 +75,9 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
 
     log.info("pretraining the tiny preset on the generated corpus")
     base_args = [f"max_steps={steps}"] if steps else []
-    base = run_recipe("finetune_recipe", "tiny_pretrain", [*overrides, *base_args, f"output_dir={out / 'base'}"])
+    base = run_recipe(
+        "finetune_recipe", "tiny_pretrain", [*overrides, *base_args, f"output_dir={out / 'base'}"]
+    )
     summary = json.loads((base.output_dir / "summary.json").read_text())
     base_ckpt = Path(summary["checkpoint"])
     model, _, meta = load_checkpoint(base_ckpt)
@@ -95,7 +97,9 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
         except Exception as e:  # report and continue: one broken arm must not hide the others
             log.error("demo arm %s failed: %s", name, e)
             failures.append(name)
-            sections.append(f"## {name}\n\nFAILED: `{type(e).__name__}: {e}`\n\n```\n{traceback.format_exc()}```\n")
+            sections.append(
+                f"## {name}\n\nFAILED: `{type(e).__name__}: {e}`\n\n```\n{traceback.format_exc()}```\n"
+            )
             continue
         plot = f"\n\n![{name}]({Path(arm['plot']).relative_to(out)})" if arm.get("plot") else ""
         sections.append(f"## {name}\n\n{arm['markdown']}{plot}\n\n_{time.perf_counter() - t0:.0f} s_\n")
@@ -108,8 +112,10 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
 
     plot_bars(accuracy, "hellaswag_local acc_norm per arm", "acc_norm", out / "accuracy.png")
     total = time.perf_counter() - t_start
-    note = (f"Each arm's runs train {arm_steps} steps (the base: {summary['step']}) on the same data with the "
-            "same seed, so arm accuracies are those of shorter runs; compare within an arm.")
+    note = (
+        f"Each arm's runs train {arm_steps} steps (the base: {summary['step']}) on the same data with the "
+        "same seed, so arm accuracies are those of shorter runs; compare within an arm."
+    )
     report = _report(base_row, [note + "\n", *sections] if arms else sections, total, accuracy)
     (out / "report.md").write_text(report)
     print(report)

@@ -60,7 +60,9 @@ class LowbitLM(TemplateLM):
         whole = (context + continuation)[-(self.max_length + 1):]
         return whole[:-1], len(continuation)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """For each ``(key, context_ids, continuation_ids)``: (sum of continuation log-probs, greedy?)."""
         prepared = [self._score(ctx, cont) + (cont,) for _, ctx, cont in requests]
         # Longest first: batches of similar length waste little padding.

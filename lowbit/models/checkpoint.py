@@ -75,7 +75,8 @@ def remove_stale_tmp(parent: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_model_dir(out: Path, state_dict: dict[str, torch.Tensor], meta: dict, tokenizer_dir: Path | None) -> None:
+def save_model_dir(out: Path, state_dict: dict[str, torch.Tensor], meta: dict,
+                   tokenizer_dir: Path | None) -> None:
     """Write weights, metadata and tokenizer into ``out`` (an existing, usually temporary, directory)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(out / WEIGHTS_FILE))
@@ -157,7 +158,8 @@ def _init_rope(model, device) -> None:
 def hf_model_args(config: dict) -> ModelArgs:
     """Map a Hugging Face Llama ``config.json`` to :class:`ModelArgs`."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"unsupported Hugging Face model_type {config.get('model_type')!r}; expected 'llama'")
+        raise ValueError(f"unsupported Hugging Face model_type {config.get('model_type')!r}; "
+                         "expected 'llama'")
     factor = (config.get("rope_scaling") or {}).get("factor", 32)
     family = "llama3_1" if factor == 8 else "llama3_2"
     return ModelArgs(
@@ -165,7 +167,8 @@ def hf_model_args(config: dict) -> ModelArgs:
         num_heads=config["num_attention_heads"],
         num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
         embed_dim=config["hidden_size"], intermediate_dim=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048), rope_base=int(config.get("rope_theta", 500_000)),
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_base=int(config.get("rope_theta", 500_000)),
         norm_eps=config.get("rms_norm_eps", 1e-5),
         tie_word_embeddings=config.get("tie_word_embeddings", family == "llama3_2"), family=family,
     )

@@ -129,7 +129,9 @@ def float8_mm(
     """
     m, n = a_data.shape[0], b_data.shape[1]
     if a_data.shape[1] != b_data.shape[0]:
-        raise ValueError(f"float8_mm: inner dims differ, a is {tuple(a_data.shape)}, b is {tuple(b_data.shape)}")
+        raise ValueError(
+            f"float8_mm: inner dims differ, a is {tuple(a_data.shape)}, b is {tuple(b_data.shape)}"
+        )
     if emulate:
         return torch.mm(dequantize_float8(a_data, a_scale), dequantize_float8(b_data, b_scale)).to(out_dtype)
 

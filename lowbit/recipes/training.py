@@ -52,8 +52,8 @@ class TrainingRecipe:
         "model": {"preset": None, "overrides": None},
         "base_checkpoint": None,
         "tokenizer": {"path": None, "vocab_size": None},
-        "data": {"source": None, "num_docs": None, "world_seed": None, "num_activities": None, "seq_len": None,
-                 "text_field": None},
+        "data": {"source": None, "num_docs": None, "world_seed": None, "num_activities": None,
+                 "seq_len": None, "text_field": None},
         "batch_size": None,
         "gradient_accumulation_steps": None,
         "max_steps": None,
@@ -101,8 +101,8 @@ class TrainingRecipe:
             raise ConfigError(f"config key 'dtype' must be one of {sorted(DTYPE_NAMES)}, got {cfg.dtype!r}")
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
-            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "
-                              f"by the number of processes ({rt.world_size})")
+            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be "
+                              f"divisible by the number of processes ({rt.world_size})")
         if rt.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(self.output_dir / "checkpoints")
@@ -134,7 +134,8 @@ class TrainingRecipe:
         cfg = self.cfg
         if cfg.get("base_checkpoint"):
             model, tokenizer, meta = load_checkpoint(cfg.base_checkpoint)
-            tok_dir = Path(meta["path"]) / "tokenizer" if meta["format"] != "huggingface" else Path(meta["path"])
+            path = Path(meta["path"])
+            tok_dir = path / "tokenizer" if meta["format"] != "huggingface" else path
             return model.train(), tokenizer, tok_dir, ModelArgs.from_dict(meta["model_args"])
         args = get_preset(cfg.model.preset)
         if cfg.model.get("overrides"):
@@ -276,7 +277,8 @@ class TrainingRecipe:
         path = self.output_dir / "metrics.jsonl"
         recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         steady = [r["step_s"] for r in recs[min(3, len(recs) - 1):]] if recs else []
-        tokens = self.step * self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1) * self.cfg.data.seq_len
+        accum = self.cfg.get("gradient_accumulation_steps", 1)
+        tokens = self.step * self.cfg.batch_size * accum * self.cfg.data.seq_len
         return {"train_tokens": tokens, "train_seconds": sum(r["step_s"] for r in recs),
                 "mean_step_ms": 1000 * sum(steady) / len(steady) if steady else None}
 

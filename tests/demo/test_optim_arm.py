@@ -46,7 +46,9 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lowbit.eval, "evaluate", fake_evaluate)
     eval_file = write_jsonl(generate_hellaswag(num_items=6, seed=0), tmp_path / "eval.jsonl")
-    out = run_optim_arm(tmp_path, eval_file, [*SMALL_RUN, "max_steps=3", "checkpoint_every=0"], optimizers=two)
+    out = run_optim_arm(
+        tmp_path, eval_file, [*SMALL_RUN, "max_steps=3", "checkpoint_every=0"], optimizers=two
+    )
     rows = {r["name"]: r for r in out["rows"]}
     assert list(rows) == ["AdamW (fp32)", "AdamW4bit"]
     run_dirs = {"AdamW (fp32)": tmp_path / "adamw", "AdamW4bit": tmp_path / "adamw4bit"}
@@ -74,6 +76,8 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     model, _, _ = load_checkpoint(run_dirs["AdamW4bit"])
     params = list(model.parameters())
     assert any(p.numel() >= 4096 for p in params) and any(p.numel() < 4096 for p in params)
-    assert rows["AdamW (fp32)"]["state_bytes_per_param"] == pytest.approx(_state_bytes_per_param(params, "fp32"))
+    assert rows["AdamW (fp32)"]["state_bytes_per_param"] == pytest.approx(
+        _state_bytes_per_param(params, "fp32")
+    )
     assert rows["AdamW4bit"]["state_bytes_per_param"] == pytest.approx(_state_bytes_per_param(params, "4bit"))
     assert out["markdown"].count("\n") == 3 and "| AdamW4bit |" in out["markdown"]

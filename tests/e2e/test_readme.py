@@ -62,7 +62,8 @@ def run_command(words: list[str]) -> int:
 
 
 def test_quickstart_parser_finds_the_commands():
-    text = "\n## Quickstart\n```bash\nlowbit run a \\\n  b=1   # note\n# a comment\n```\n## Next\n```bash\nx\n```"
+    text = ("\n## Quickstart\n```bash\nlowbit run a \\\n  b=1   # note\n# a comment\n```\n"
+            "## Next\n```bash\nx\n```")
     assert quickstart_commands(text) == ["lowbit run a    b=1"]
 
 

@@ -48,7 +48,9 @@ def test_bench_model_figures_from_a_known_clock(monkeypatch):
             return torch.zeros(self.b, 16)
 
     monkeypatch.setattr(bench, "Generator", FakeGenerator)
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, sleep=time.sleep))
+    monkeypatch.setattr(
+        bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, sleep=time.sleep)
+    )
     r = bench.bench_model(torch.nn.Identity(), prompt_len=8, decode_tokens=3, batch_size=2, repeats=2,
                           vocab_size=16, profile=False)
     assert r["prefill_tok_s"] == pytest.approx(2 * 8 / 0.5)
@@ -71,11 +73,30 @@ def test_bench_model_on_a_real_model_profiles_its_kernels():
 
 
 def test_cli_writes_rows_and_says_random_weights(tmp_path, capsys):
-    rc = lowbit_main(["bench", "--preset", "tiny", "--schemes", "none,8w", "--eager", "--prompt-len", "8", "--decode-tokens", "3",
-               "--repeats", "1", "--no-profile", "--output", str(tmp_path)])
+    rc = lowbit_main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--schemes",
+            "none,8w",
+            "--eager",
+            "--prompt-len",
+            "8",
+            "--decode-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--no-profile",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "random-weight" in out and "| none | eager | float32 |" in out and "| 8w | eager | bfloat16 |" in out
+    assert (
+        "random-weight" in out and "| none | eager | float32 |" in out and "| 8w | eager | bfloat16 |" in out
+    )
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [(r["scheme"], r["mode"]) for r in data["rows"]] == [("none", "eager"), ("8w", "eager")]
     assert data["rows"][0]["speedup"] == 1.0

@@ -111,11 +111,16 @@ def test_8da4w_fast_path_matches_torchao_and_float64():
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    quantize_(ref_mod, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    quantize_(
+        ref_mod,
+        Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
+    )
     quantize_for_inference(m, "8da4w")
     assert isinstance(m[0], Int8DynActInt4Linear)
     tw = ref_mod[0].weight
-    w64 = (tw.qdata.double() - tw.zero_point.double().repeat_interleave(32, -1)) * tw.scale.double().repeat_interleave(32, -1)
+    w64 = (
+        tw.qdata.double() - tw.zero_point.double().repeat_interleave(32, -1)
+    ) * tw.scale.double().repeat_interleave(32, -1)
     x = (torch.randn(7, 128) * torch.linspace(0.1, 4, 7)[:, None]).bfloat16()
     y = m(x)
     expect = _fq_act_asym_per_token(x.float()) @ w64.t()
@@ -124,7 +129,10 @@ def test_8da4w_fast_path_matches_torchao_and_float64():
     # eager fp32: the exact torchao path (no repack)
     m32 = quantize_for_inference(_lin(in_f=128, out_f=64), "8da4w", dtype=torch.float32)
     assert isinstance(m32[0], nn.Linear) and m32[0].weight.dtype == torch.float32
-    assert _rel(m32(x.float()), _fq_act_asym_per_token(x.float()) @ m32[0].weight.dequantize().double().t()) < 1e-5
+    assert (
+        _rel(m32(x.float()), _fq_act_asym_per_token(x.float()) @ m32[0].weight.dequantize().double().t())
+        < 1e-5
+    )
 
 
 def test_8da8w_matches_symmetric_per_token_reference():
@@ -192,7 +200,11 @@ def test_model_bytes_counts_packed_weights():
 def test_global_inductor_config_and_matmul_precision_untouched():
     import torch._inductor.config as cfg
 
-    before = (cfg.coordinate_descent_tuning, cfg.force_fuse_int_mm_with_mul, torch.get_float32_matmul_precision())
+    before = (
+        cfg.coordinate_descent_tuning,
+        cfg.force_fuse_int_mm_with_mul,
+        torch.get_float32_matmul_precision(),
+    )
     for scheme in ["8w", "8da8w", "4w", "8da4w"]:
         quantize_for_inference(_lin(), scheme)
     assert (cfg.coordinate_descent_tuning, cfg.force_fuse_int_mm_with_mul,

@@ -63,7 +63,9 @@ def test_nearest_code_is_exact_nearest(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_kernel_cell_table_encode_equals_nearest(name):
     table, meta = B.encode_cell_table(name)
-    x = torch.cat([_probe(name, seed=1), torch.rand(20000) * 2 - 1, torch.tensor([float("nan"), float("inf")])])
+    x = torch.cat(
+        [_probe(name, seed=1), torch.rand(20000) * 2 - 1, torch.tensor([float("nan"), float("inf")])]
+    )
     want = B.nearest_code(torch.where(torch.isfinite(x), x, 0.0), name).long()
     assert torch.equal(B.encode_with_cell_table(x, table, meta), want)
 
