@@ -90,8 +90,10 @@ def check_compatible(ckpt: Path, model_args: dict, optimizer) -> None:
         raise ConfigError(f"cannot resume from {ckpt}: it holds another model ({what})")
     want = optimizer_name(optimizer)
     if meta.get("optimizer") != want:
-        raise ConfigError(f"cannot resume from {ckpt}: it was written with optimizer {meta.get('optimizer')}, "
-                          f"this run uses {want}")
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written with optimizer {meta.get('optimizer')}, "
+            f"this run uses {want}"
+        )
 
 
 def load(ckpt: Path, rt: Runtime, model, optimizer) -> dict:
