@@ -64,7 +64,8 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     # same seed and data: the first loss (before any optimizer step) is the same, then the optimizers differ
     assert logged["AdamW4bit"][0] == logged["AdamW (fp32)"][0]
     assert logged["AdamW4bit"][1:] != logged["AdamW (fp32)"][1:]
-    assert rows["AdamW4bit"]["loss_vs_adamw"] == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1
+    assert (rows["AdamW4bit"]["loss_vs_adamw"]
+            == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1)
 
     # state memory: exactly the layout of each optimizer over the model's parameter shapes
     from lowbit.recipes.runner import run_recipe
