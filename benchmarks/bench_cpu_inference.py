@@ -1,4 +1,5 @@
-"""CPU decode throughput per quantization scheme vs the fp32 eager baseline (issue 6 bars), in one process.
+"""CPU decode throughput per quantization scheme vs the fp32 eager baseline (the CPU
+inference bars of benchmarks/RESULTS.md), in one process.
 
     .venv/bin/python benchmarks/bench_cpu_inference.py [--preset small_150m] [--rounds 5] [--steps 24]
 
@@ -62,16 +63,29 @@ def gemv_alternatives(n=2816, k=1024, layers=24, g=32) -> dict[str, float]:
     def each(fn, ws):
         return _median_ms(lambda: [fn(w) for w in ws], n=5)
 
-    res["fp32 F.linear"] = each(lambda w: torch.nn.functional.linear(x32, w), [torch.randn(n, k) for _ in range(layers)])
+    res["fp32 F.linear"] = each(
+        lambda w: torch.nn.functional.linear(x32, w), [torch.randn(n, k) for _ in range(layers)]
+    )
     res["bf16 F.linear"] = each(lambda w: torch.nn.functional.linear(xb, w),
                                 [torch.randn(n, k).bfloat16() for _ in range(layers)])
     w8 = [(torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for _ in range(layers)]
-    res["_weight_int8pack_mm bf16 (8w)"] = each(lambda w: torch._weight_int8pack_mm(xb, w[0], w[1].bfloat16()), w8)
-    res["_weight_int8pack_mm fp32"] = each(lambda w: torch._weight_int8pack_mm(x32, w[0], w[1]), w8[:4]) * layers / 4
+    res["_weight_int8pack_mm bf16 (8w)"] = each(
+        lambda w: torch._weight_int8pack_mm(xb, w[0], w[1].bfloat16()), w8
+    )
+    res["_weight_int8pack_mm fp32"] = (
+        each(lambda w: torch._weight_int8pack_mm(x32, w[0], w[1]), w8[:4]) * layers / 4
+    )
     x8 = torch.randint(-128, 127, (17, k), dtype=torch.int8)  # _int_mm needs M > 16
     res["_int_mm int8 x int8 (M=17)"] = each(lambda w: torch._int_mm(x8, w[0].t()), w8[:4]) * layers / 4
-    w4 = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1),
-           torch.rand(k // g, n, 2)) for _ in range(layers)]
+    w4 = [
+        (
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (n, k), dtype=torch.int32), 1
+            ),
+            torch.rand(k // g, n, 2),
+        )
+        for _ in range(layers)
+    ]
     res[f"_weight_int4pack_mm bf16 g{g} (4w)"] = each(
         lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w[0], g, w[1].bfloat16()), w4)
     res[f"_weight_int4pack_mm fp32 g{g}"] = each(
@@ -103,7 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 avoids OpenMP barrier stalls when other processes load the cores)")
     p.add_argument("--bf16-arm", action="store_true", help="also time unquantized bf16 compiled")
-    p.add_argument("--eager-only", action="store_true", help="skip the compiled arms (minutes instead of ~25)")
+    p.add_argument(
+        "--eager-only", action="store_true", help="skip the compiled arms (minutes instead of ~25)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,10 +157,13 @@ def main(argv=None) -> int:
         for name, m in arms.items():  # warm-up (compiles) and one profiled run for prefill / host time
             t = time.perf_counter()
             info = bench_model(m, prompt_len=args.prompt_len, decode_tokens=8, repeats=1, profile=True)
-            print(f"  warm {name:26s} {time.perf_counter() - t:6.1f} s  decode {info['decode_ms']:8.1f} ms/tok  "
-                  f"prefill {info['prefill_tok_s']:7.1f} tok/s"
-                  f"  ttft {info['ttft_ms']:7.1f} ms  host {info['host_ms']:6.2f} ms/tok  "
-                  f"kernel {info['kernel_ms']:6.2f} ms/tok")
+            print(
+                f"  warm {name:26s} {time.perf_counter() - t:6.1f} s  "
+                f"decode {info['decode_ms']:8.1f} ms/tok  "
+                f"prefill {info['prefill_tok_s']:7.1f} tok/s"
+                f"  ttft {info['ttft_ms']:7.1f} ms  host {info['host_ms']:6.2f} ms/tok  "
+                f"kernel {info['kernel_ms']:6.2f} ms/tok"
+            )
             gens[name] = Generator(m, 1, total)
         steps = {name: [] for name in arms}
         for r in range(args.rounds):

@@ -30,7 +30,9 @@ def launch(recipe, config, overrides, nproc):
         cmd += ["--nproc_per_node", str(nproc)]
     cmd += ["--config", config, *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -51,22 +53,41 @@ def main() -> None:
     half = [f"batch_size={a.batch_size // 2}", "gradient_accumulation_steps=2"]
     # (recipe, config, overrides for both, extra overrides for the 1-process run)
     runs = {
-        "finetune_recipe + AdamW8bit": ("finetune_recipe", "tiny_pretrain",
-                                        ["optimizer._component_=lowbit.optim.AdamW8bit"], []),
+        "finetune_recipe + AdamW8bit": (
+            "finetune_recipe",
+            "tiny_pretrain",
+            ["optimizer._component_=lowbit.optim.AdamW8bit"],
+            [],
+        ),
         "finetune_recipe + torch AdamW (reference)": ("finetune_recipe", "tiny_pretrain", [], []),
         "finetune_recipe + AdamW8bit, 1 proc accumulates 2 half batches": (
-            "finetune_recipe", "tiny_pretrain", ["optimizer._component_=lowbit.optim.AdamW8bit"], half),
-        "qat_recipe 8da4w + AdamW8bit": ("qat_recipe", "tiny_qat",
-                                         ["optimizer._component_=lowbit.optim.AdamW8bit", "qat.scheme=8da4w"], []),
+            "finetune_recipe",
+            "tiny_pretrain",
+            ["optimizer._component_=lowbit.optim.AdamW8bit"],
+            half,
+        ),
+        "qat_recipe 8da4w + AdamW8bit": (
+            "qat_recipe",
+            "tiny_qat",
+            ["optimizer._component_=lowbit.optim.AdamW8bit", "qat.scheme=8da4w"],
+            [],
+        ),
         "qat_recipe 8da4w + AdamW8bit, 1 proc accumulates 2 half batches": (
-            "qat_recipe", "tiny_qat", ["optimizer._component_=lowbit.optim.AdamW8bit", "qat.scheme=8da4w"], half),
+            "qat_recipe",
+            "tiny_qat",
+            ["optimizer._component_=lowbit.optim.AdamW8bit", "qat.scheme=8da4w"],
+            half,
+        ),
     }
     common = [f"max_steps={a.steps}", f"checkpoint_every={a.steps}", f"batch_size={a.batch_size}",
               f"data.seq_len={a.seq_len}", "data.num_docs=1024", "progress_bar=false"]
     print(f"tiny preset (0.92M params), {a.steps} steps, global batch {a.batch_size} x {a.seq_len} tokens; "
           f"OMP_NUM_THREADS=1 per process; {os.cpu_count()} CPUs\n")
-    print("| run | 1 process s | 2 processes s | max rel loss diff | state B/rank (1 proc) | state B/rank (2 procs) "
-          "| ratio |")
+    print(
+        "| run | 1 process s | 2 processes s | max rel loss diff | state B/rank (1 proc) "
+        "| state B/rank (2 procs) "
+        "| ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (recipe, config, extra, one_only)) in enumerate(runs.items()):

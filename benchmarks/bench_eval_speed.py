@@ -52,7 +52,8 @@ class PreviousLM(LowbitLM):
                 inp, n, cont = prepared[i]
                 lp = logprobs[row, len(inp) - n: len(inp)]
                 target = torch.tensor(cont[-n:], device=lp.device)
-                results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+                results[i] = (lp.gather(-1, target[:, None]).sum().item(),
+                              bool((lp.argmax(-1) == target).all()))
         return results
 
 

@@ -124,7 +124,10 @@ def main() -> None:
         if cap < (8, 9):
             raise SystemExit("float8 GEMMs need SM89+ (Ada/Hopper); this GPU cannot run the bar")
     else:
-        print(f"device: {device} (smoke test only: torch._scaled_mm on CPU is not a fast kernel), torch {torch.__version__}")
+        print(
+            f"device: {device} (smoke test only: torch._scaled_mm on CPU is not a fast kernel), "
+            f"torch {torch.__version__}"
+        )
     torch.manual_seed(0)
     base = Block(args.dim, args.heads, args.kv_heads, args.ffn).to(device=device, dtype=torch.bfloat16)
     x = torch.randn(1, args.tokens, args.dim, device=device, dtype=torch.bfloat16)
@@ -153,7 +156,9 @@ def main() -> None:
     for name, block in arms.items():
         torch._dynamo.reset()
         secs[name] = time_arm(block, x, cos, sin, args.iters, args.warmup)
-        print(f"{name:20s} {1000 * secs[name]:9.2f} ms  {args.tokens / secs[name]:12,.0f} tokens/s", flush=True)
+        print(
+            f"{name:20s} {1000 * secs[name]:9.2f} ms  {args.tokens / secs[name]:12,.0f} tokens/s", flush=True
+        )
 
     print("\nratios (tokens/s)" + ("" if device.type == "cuda" else " -- CPU smoke test, not the bar") + ":")
     bars = {"lowbit tensorwise": 1.25, "lowbit rowwise": 1.10}
@@ -163,7 +168,10 @@ def main() -> None:
     for recipe in ("tensorwise", "rowwise"):
         if f"torchao {recipe}" in secs:
             r = secs[f"torchao {recipe}"] / secs[f"lowbit {recipe}"]
-            print(f"  lowbit {recipe} / torchao {recipe} = {r:.3f}  (bar >= 1.00: {'met' if r >= 1.0 else 'NOT met'})")
+            print(
+                f"  lowbit {recipe} / torchao {recipe} = {r:.3f}  "
+                f"(bar >= 1.00: {'met' if r >= 1.0 else 'NOT met'})"
+            )
             print(f"  torchao {recipe} / bf16 = {secs['bf16'] / secs[f'torchao {recipe}']:.3f}")
 
 

@@ -58,8 +58,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}; Linear({args.dim} -> {args.hidden}), {args.tokens} tokens; SQNR in dB "
           "vs float64 (out / grad_input / grad_weight)\n")
-    header = ("| recipe | dtype | inputs | lowbit out | lowbit gx | lowbit gw | torchao out | torchao gx | torchao gw "
-              "| bit-equal to torchao | bar met |")
+    header = (
+        "| recipe | dtype | inputs | lowbit out | lowbit gx | lowbit gw "
+        "| torchao out | torchao gx | torchao gw "
+        "| bit-equal to torchao | bar met |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     all_ok = True
@@ -70,7 +73,9 @@ def main() -> None:
             plain = run_layer(copy.deepcopy(base), x, g)
             rows = [("(no float8)", [sqnr(r, t) for r, t in zip(ref, plain)], None, None, None)]
             for recipe in RECIPES:
-                ours = convert_to_float8_training(copy.deepcopy(base), config=Float8TrainingConfig.from_recipe(recipe))
+                ours = convert_to_float8_training(
+                    copy.deepcopy(base), config=Float8TrainingConfig.from_recipe(recipe)
+                )
                 theirs = ao_convert(copy.deepcopy(base), config=Float8LinearConfig.from_recipe_name(recipe))
                 a, b = run_layer(ours, x, g), run_layer(theirs, x, g)
                 db = [sqnr(r, t) for r, t in zip(ref, a)]

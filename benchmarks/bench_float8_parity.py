@@ -1,6 +1,7 @@
 """Issue 5 parity bar: final training loss with float8 within 1% of the same run without it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_float8_parity.py [--steps 800] [--recipes tensorwise,rowwise]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_float8_parity.py \
+        [--steps 800] [--recipes tensorwise,rowwise]
 
 A recipe may carry a grad_output dtype: ``--recipes rowwise,rowwise:e5m2``.
 
@@ -29,9 +30,17 @@ def main() -> None:
             extra = [] if name == "none" else [f"float8.recipe={recipe}", "float8.emulate=false"]
             if go:
                 extra.append(f"float8.grad_output_dtype={go}")
-            run = run_recipe("finetune_recipe", "tiny_pretrain", [
-                f"max_steps={a.steps}", "checkpoint_every=0", "progress_bar=false", f"output_dir={Path(tmp) / name}",
-                *extra])
+            run = run_recipe(
+                "finetune_recipe",
+                "tiny_pretrain",
+                [
+                    f"max_steps={a.steps}",
+                    "checkpoint_every=0",
+                    "progress_bar=false",
+                    f"output_dir={Path(tmp) / name}",
+                    *extra,
+                ],
+            )
             losses[name] = run.losses
     print(f"tiny_pretrain, {a.steps} steps; mean loss over the last k steps (difference vs no float8)")
     print("| float8 | " + " | ".join(f"last {k}" for k in windows) + " |")

@@ -21,16 +21,22 @@ def main() -> None:
     p.add_argument("--task-file", default=None, help="hellaswag-format jsonl (default: the generated set)")
     p.add_argument("--limit", type=int, default=None)
     a = p.parse_args()
-    print("| scheme | dtype | items | same choice | max abs loglik diff | acc_norm fake quant | acc_norm deployed |")
+    print(
+        "| scheme | dtype | items | same choice | max abs loglik diff "
+        "| acc_norm fake quant | acc_norm deployed |"
+    )
     print("|---|---|---|---|---|---|---|")
     for scheme in ("8da4w", "4w", "8w", "8da8w"):
         for dtype in (torch.float32, None):
             r = compare_handoff(a.checkpoint, scheme, dtype=dtype, task_file=a.task_file, limit=a.limit)
             if dtype is None and r["dtype"] == "torch.float32":
                 continue  # the default is already fp32 for this scheme
-            print(f"| {scheme} | {r['dtype'].removeprefix('torch.')} | {r['items']} | {r['same_choice']} | "
-                  f"{r['max_abs_ll_diff']:.3g} | {r['acc_norm_fake_quant']:.4f} | {r['acc_norm_deployed']:.4f} |",
-                  flush=True)
+            print(
+                f"| {scheme} | {r['dtype'].removeprefix('torch.')} | {r['items']} | {r['same_choice']} | "
+                f"{r['max_abs_ll_diff']:.3g} | {r['acc_norm_fake_quant']:.4f} | "
+                f"{r['acc_norm_deployed']:.4f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ sum_k |x_k w_k|; then the same for the whole tiny model's logits (per-layer diff
 
     .venv/bin/python benchmarks/bench_qat_exactness.py
 
-Bar (issue 4): bit-for-bit, or <= 1 bf16 ulp where the real kernel accumulates differently (4w).
+Bar: bit-for-bit, or <= 1 bf16 ulp where the real kernel accumulates differently (4w).
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def model_stats(scheme: str, dtype: torch.dtype):
 
 
 def main() -> None:
-    print(f"{'scheme':7s} {'dtype':9s} {'x range':8s} {'differing':>16s} {'max abs diff':>13s} {'max ulp(bf16)':>14s}")
+    print(
+        f"{'scheme':7s} {'dtype':9s} {'x range':8s} {'differing':>16s} {'max abs diff':>13s} "
+        f"{'max ulp(bf16)':>14s}"
+    )
     for scheme in qat.SCHEMES:
         for dtype in (torch.float32, torch.bfloat16):
             for small in (False, True):

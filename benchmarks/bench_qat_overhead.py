@@ -5,7 +5,7 @@ One process, the tiny preset, identical data; steps of the three variants are in
 
     .venv/bin/python benchmarks/bench_qat_overhead.py [--steps 30] [--batch 16] [--seq 128]
 
-Bar (issue 4): compiled lowbit QAT 8da4w step <= 1.15x the compiled plain step.
+Bar: compiled lowbit QAT 8da4w step <= 1.15x the compiled plain step.
 """
 
 from __future__ import annotations

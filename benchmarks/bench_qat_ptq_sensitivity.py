@@ -36,7 +36,11 @@ def main() -> None:
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--settings", default=",".join(SETTINGS))
     a = p.parse_args()
-    print("| setting | final loss | float | " + " | ".join(f"PTQ {s} g{g}" for s, g in PTQ) + " | worst PTQ loss (points) |")
+    print(
+        "| setting | final loss | float | "
+        + " | ".join(f"PTQ {s} g{g}" for s, g in PTQ)
+        + " | worst PTQ loss (points) |"
+    )
     print("|---|---|---|" + "---|" * len(PTQ) + "---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.settings.split(","):
@@ -53,8 +57,12 @@ def main() -> None:
                 res = evaluate(model=model, tokenizer=tok, task_file=task, scheme=None)
                 accs.append(acc_norm(res))
             worst = 100 * (accs[0] - min(accs[1:]))
-            print(f"| {name} | {run.losses[-1]:.3f} | " + " | ".join(f"{x:.4f}" for x in accs) + f" | {worst:.2f} |",
-                  flush=True)
+            print(
+                f"| {name} | {run.losses[-1]:.3f} | "
+                + " | ".join(f"{x:.4f}" for x in accs)
+                + f" | {worst:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

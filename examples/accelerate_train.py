@@ -96,7 +96,9 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
     model, rows = build(args, out, accelerator)
-    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = OPTIMIZERS[args.optimizer](
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=args.steps)
     # no shuffling in the loader (the rows are permuted once, seeded), so a resumed run skips exactly
     # the batches it has seen; the epoch repeats the same order

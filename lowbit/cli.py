@@ -79,15 +79,16 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True,
                    help="lowbit checkpoint, run dir, HF Llama dir, GGUF file, or a model name (smollm2-135m)")
     p.add_argument("--tasks", default="hellaswag_local",
-                   help="comma-separated: hellaswag_local, perplexity_local, any lm-eval task cached locally, "
-                        "or none")
+                   help="comma-separated: hellaswag_local, perplexity_local, any lm-eval task cached "
+                        "locally, or none")
     p.add_argument("--task-file", help="hellaswag_local items: a hellaswag-format jsonl, or a text source "
                                        "(python-docs, package-docs, FILE.txt) to build cloze items from "
-                                       "(default: the generated set for models trained on it, else python-docs)")
-    p.add_argument("--text", help="perplexity_local / --kl-reference text: a jsonl with a text field, or a text "
-                                  "source (default: python-docs)")
-    p.add_argument("--kl-reference", help="checkpoint to compare next-token distributions with (e.g. the float "
-                                          "model): KL divergence and top-1 agreement on --text")
+                                       "(default: the generated set for models trained on it, else "
+                                       "python-docs)")
+    p.add_argument("--text", help="perplexity_local / --kl-reference text: a jsonl with a text field, or a "
+                                  "text source (default: python-docs)")
+    p.add_argument("--kl-reference", help="checkpoint to compare next-token distributions with (e.g. the "
+                                          "float model): KL divergence and top-1 agreement on --text")
     p.add_argument("--kl-windows", type=int, default=32, help="windows of 512 tokens for --kl-reference")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--scheme", default="auto",
@@ -148,7 +149,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     mode.add_argument("--eager", dest="modes", action="store_const", const=("eager",))
     mode.add_argument("--both", dest="modes", action="store_const", const=("eager", "compiled"))
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
-                   help="auto: float baseline in the model's dtype, quantized schemes in their kernel's dtype")
+                   help="auto: float baseline in the model's dtype, quantized schemes in their kernel's "
+                        "dtype")
     p.add_argument("--group-size", type=int, default=None, help="group size for 4w / 8da4w")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -196,9 +198,10 @@ def _demo(argv: list[str]) -> int:
     from lowbit.demo import ARMS, DEFAULT_ARMS
 
     p = argparse.ArgumentParser(prog="lowbit demo", description="On SmolLM2-135M (default): float vs PTQ vs "
-                                "QAT (8da4w g32, 4w g64) with perplexity, KL from float, top-1 agreement, cloze "
-                                "acc_norm and decode tokens/s. With --model tiny: pretrain the tiny preset "
-                                "offline, evaluate it, run each feature's arm. Writes report.md and plots.")
+                                "QAT (8da4w g32, 4w g64) with perplexity, KL from float, top-1 agreement, "
+                                "cloze acc_norm and decode tokens/s. With --model tiny: pretrain the tiny "
+                                "preset offline, evaluate it, run each feature's arm. Writes report.md and "
+                                "plots.")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
     p.add_argument("--items", type=int, help="cloze items per arm (default: 100 smollm2, 500 tiny)")
@@ -224,7 +227,8 @@ def _demo(argv: list[str]) -> int:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     from lowbit.demo import run_demo
 
-    result = run_demo(Path(a.output), steps=a.steps, arm_steps=a.arm_steps, arms=arms, num_items=a.items or 500)
+    result = run_demo(Path(a.output), steps=a.steps, arm_steps=a.arm_steps, arms=arms,
+                      num_items=a.items or 500)
     if result["failures"]:
         print(f"demo arms failed: {result['failures']} (details in the report)")
         return 1
@@ -233,9 +237,9 @@ def _demo(argv: list[str]) -> int:
 
 def _cloze(argv: list[str]) -> int:
     """``lowbit data cloze``: hellaswag-format items from any real text."""
-    p = argparse.ArgumentParser(prog="lowbit data cloze", description="Build hellaswag-format cloze items from "
-                                "real text: context = the start of a passage, endings = its true continuation "
-                                "and three length-matched continuations from other passages.")
+    p = argparse.ArgumentParser(prog="lowbit data cloze", description="Build hellaswag-format cloze items "
+                                "from real text: context = the start of a passage, endings = its true "
+                                "continuation and three length-matched continuations from other passages.")
     p.add_argument("--from", dest="source", required=True,
                    help="a UTF-8 text file (paragraphs separated by blank lines) or a built-in source: "
                         "python-docs, package-docs")
@@ -281,8 +285,8 @@ def _convert(argv: list[str]) -> int:
     """``lowbit convert SRC --to hf DIR``: a Hugging Face Llama directory from a GGUF, a lowbit checkpoint or
     a model name."""
     p = argparse.ArgumentParser(prog="lowbit convert", description="Write a Hugging Face Llama directory "
-                                "(config.json, model.safetensors, tokenizer files) from a GGUF file, a lowbit "
-                                "checkpoint or run directory, or a model name (smollm2-135m).")
+                                "(config.json, model.safetensors, tokenizer files) from a GGUF file, a "
+                                "lowbit checkpoint or run directory, or a model name (smollm2-135m).")
     p.add_argument("source")
     p.add_argument("--to", choices=["hf"], required=True, help="output format")
     p.add_argument("output", help="the directory to write")

@@ -58,3 +58,10 @@ def test_filter_is_idempotent():
     _torchao.install()
     _torchao.install()
     assert len(logging.getLogger("torchao").filters) == 1
+
+
+def test_console_script_is_this_module():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lowbit": "lowbit.cli:main"}

@@ -104,3 +104,24 @@ def test_every_module_imports_fresh(order):
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     r = subprocess.run([sys.executable, "-c", code, *mods], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# docs/design.md, "Layout": which lowbit packages each package may import
+ALLOWED = {
+    "quant": set(), "models": set(), "data": set(),
+    "qat": {"quant"}, "float8": {"quant"}, "optim": {"quant"},
+    "recipes": {"quant", "qat", "float8", "optim", "models", "data"},
+    "eval": {"quant", "qat", "models", "data"},
+    "demo": {"recipes", "eval", "models", "data"},
+}
+
+
+def test_packages_import_only_the_layers_below():
+    def package(module: str) -> str:
+        return module.split(".")[1] if "." in module else module
+
+    wrong = sorted(
+        f"{m} -> {t}" for m, targets in import_graph().items() for t in targets
+        if package(m) in ALLOWED and package(t) != package(m) and package(t) not in ALLOWED[package(m)]
+    )
+    assert wrong == []

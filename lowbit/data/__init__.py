@@ -5,6 +5,6 @@ from lowbit.data.synthetic import generate_corpus, generate_hellaswag, write_jso
 from lowbit.data.world import World, make_world
 
 __all__ = [
-    "DataError", "World", "check_data_file", "generate_corpus", "generate_hellaswag", "load_texts", "make_world", "pack_documents",
-    "read_jsonl", "write_jsonl",
+    "DataError", "World", "check_data_file", "generate_corpus", "generate_hellaswag", "load_texts",
+    "make_world", "pack_documents", "read_jsonl", "write_jsonl",
 ]

@@ -1,8 +1,8 @@
 """Hellaswag-format cloze items built from any real text.
 
 An item is a sentence from a passage: the context is the (up to two) sentences before it plus the first
-words of the sentence (``ctx_a``; ``ctx_b`` stays empty, which lm-eval's hellaswag preprocessing strips), the true
-ending is the rest of the sentence, and the three wrong endings are sentence ends taken from *other*
+words of the sentence (``ctx_a``; ``ctx_b`` stays empty, which lm-eval's hellaswag preprocessing strips),
+the true ending is the rest of the sentence, and the three wrong endings are sentence ends taken from *other*
 passages, the ones nearest in length (so length alone does not give the answer). Items are scored by
 lm-eval's own hellaswag pipeline (``acc``, ``acc_norm``).
 """
@@ -26,7 +26,8 @@ def _sentences(paragraph: str) -> list[str]:
 def _usable(sentence: str) -> bool:
     # lm-eval's hellaswag preprocessing deletes "[...]"; keep sentences it leaves intact.
     words = sentence.split()
-    return 6 <= len(words) <= 40 and 30 <= len(sentence) <= 240 and "[" not in sentence and "]" not in sentence
+    return (6 <= len(words) <= 40 and 30 <= len(sentence) <= 240
+            and "[" not in sentence and "]" not in sentence)
 
 
 def cloze_candidates(paragraphs: list[str]) -> list[tuple[int, str, str]]:

@@ -20,7 +20,8 @@ class DataError(ValueError):
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of a UTF-8 text file; :class:`DataError` names the first line that is not text."""
+    """``(line number, line)`` of a UTF-8 text file; :class:`DataError` names the first line that is not
+    text."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -41,7 +42,8 @@ def _check_text_field(where: str, row: dict, field: str) -> None:
         raise DataError(f"{where}: field {field!r} is {what}, expected a string")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = (), text_fields: tuple[str, ...] = ()) -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
+               text_fields: tuple[str, ...] = ()) -> list[dict]:
     """Parse a jsonl file; :class:`DataError` names the path and the 1-based line number.
 
     Blank lines are skipped; a file without any object is an error. Each object must contain every

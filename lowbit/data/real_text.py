@@ -20,7 +20,8 @@ from pathlib import Path
 from lowbit.data.loaders import DataError
 
 _CODE_FENCE = re.compile(r"^\s*(```|~~~)")
-_MARKUP = re.compile(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)|\[([^\]]+)\]\([^)]*\)|`+|\*\*|^#+\s*|^\s*[-*+]\s+|^\s*\d+\.\s+")
+_MARKUP = re.compile(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)|\[([^\]]+)\]\([^)]*\)|`+|\*\*"
+                     r"|^#+\s*|^\s*[-*+]\s+|^\s*\d+\.\s+")
 
 
 def _prose(lines: list[str]) -> list[str]:
@@ -33,7 +34,8 @@ def _prose(lines: list[str]) -> list[str]:
             continue
         line = raw.rstrip()
         stripped = line.strip()
-        if in_code or raw.startswith(("    ", "\t")) or stripped.startswith((">>>", "...", "|", "$", "+--", ".. ")):
+        if (in_code or raw.startswith(("    ", "\t"))
+                or stripped.startswith((">>>", "...", "|", "$", "+--", ".. "))):
             stripped = ""
         if stripped and set(stripped) <= set("=-*~^#+_ "):
             stripped = ""

@@ -62,7 +62,8 @@ class World:
 
 
 def make_world(seed: int = 0, num_activities: int = 64, steps_per_activity: int = 6) -> World:
-    """Build a world with unique activity labels and globally unique steps, deterministically from ``seed``."""
+    """Build a world with unique activity labels and globally unique steps, deterministically from
+    ``seed``."""
     rng = random.Random(f"lowbit-world-{seed}")
     labels = [f"{g} {t}" for g in _GERUNDS for t in _TOPICS]
     if num_activities > len(labels):

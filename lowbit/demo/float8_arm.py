@@ -2,8 +2,8 @@
 
 Pretrain the tiny model from scratch three times with identical data, steps, seed and optimizer: without
 float8, with ``float8.recipe=tensorwise`` and with ``float8.recipe=rowwise`` (``torch._scaled_mm``, which
-runs on CPU: correct but not fast, so ``step_ms`` shows the CPU cost, not the H100 gain). The bar (issue
-#5): the float8 runs' final loss within 1% of the run without float8. Each checkpoint is then evaluated
+runs on CPU: correct but not fast, so ``step_ms`` shows the CPU cost, not the H100 gain). The bar: the
+float8 runs' final loss within 1% of the run without float8. Each checkpoint is then evaluated
 (acc_norm) like any other: ``Float8Linear`` saves a plain ``nn.Linear`` state dict.
 """
 
@@ -27,7 +27,11 @@ def _final_loss(losses: list[float]) -> float:
 def _train(out: Path, overrides: list[str]) -> dict:
     r = run_recipe("finetune_recipe", "tiny_pretrain", [*overrides, f"output_dir={out}"])
     summary = json.loads((Path(r.output_dir) / "summary.json").read_text())
-    return {"run": Path(r.output_dir), "final_loss": _final_loss(r.losses), "step_ms": summary.get("mean_step_ms")}
+    return {
+        "run": Path(r.output_dir),
+        "final_loss": _final_loss(r.losses),
+        "step_ms": summary.get("mean_step_ms"),
+    }
 
 
 def _acc(run: Path, eval_file: Path, limit: int | None) -> float:
@@ -62,7 +66,9 @@ def run_float8_arm(
     runs = [("no float8", None, _train(workdir / "no_float8", [*base_overrides, "float8=null"]))]
     for recipe in recipes:
         f8 = [f"float8.recipe={recipe}", f"float8.emulate={str(emulate).lower()}"]
-        runs.append((f"float8 {recipe}", recipe, _train(workdir / f"float8_{recipe}", [*base_overrides, *f8])))
+        runs.append(
+            (f"float8 {recipe}", recipe, _train(workdir / f"float8_{recipe}", [*base_overrides, *f8]))
+        )
 
     base_loss = runs[0][2]["final_loss"]
     rows = []

@@ -70,7 +70,9 @@ def run_optim_arm(workdir: Path, eval_file: Path, base_overrides: list[str], *,
                        [*base_overrides, f"output_dir={out}", f"optimizer._component_={component}"])
         params = [p for p in r.model.parameters() if p.requires_grad]
         res = evaluate(r.output_dir, task_file=eval_file, limit=limit)
-        summary = json.loads((Path(r.output_dir) / "summary.json").read_text())  # written with the last checkpoint
+        summary = json.loads(
+            (Path(r.output_dir) / "summary.json").read_text()
+        )  # written with the last checkpoint
         losses = r.losses[-FINAL_WINDOW:]
         rows.append({
             "name": name,

@@ -75,7 +75,9 @@ def run_qat_arm(
     float_acc = _acc(plain, eval_file, None, limit)
     rows = []
     for scheme in schemes:
-        qat_run = _finetune("qat_recipe", base_checkpoint, workdir / f"qat_{scheme}", [*common, f"qat.scheme={scheme}"])
+        qat_run = _finetune(
+            "qat_recipe", base_checkpoint, workdir / f"qat_{scheme}", [*common, f"qat.scheme={scheme}"]
+        )
         ptq_acc = _acc(plain, eval_file, scheme, limit)
         qat_acc = _acc(qat_run, eval_file, scheme, limit)
         rows.append({"scheme": scheme, "float": float_acc, "ptq": ptq_acc, "qat": qat_acc,
@@ -86,6 +88,8 @@ def run_qat_arm(
     ]
     for r in rows:
         rec = "n/a (PTQ lost nothing)" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%"
-        lines.append(f"| {r['scheme']} | {100 * r['float']:.2f} | {100 * r['ptq']:.2f} | {100 * r['qat']:.2f} | "
-                     f"{100 * (r['float'] - r['ptq']):.2f} | {rec} |")
+        lines.append(
+            f"| {r['scheme']} | {100 * r['float']:.2f} | {100 * r['ptq']:.2f} | {100 * r['qat']:.2f} | "
+            f"{100 * (r['float'] - r['ptq']):.2f} | {rec} |"
+        )
     return {"rows": rows, "markdown": "\n".join(lines), "float_acc_norm": float_acc}

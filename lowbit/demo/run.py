@@ -1,5 +1,5 @@
-"""The demo (``lowbit demo``): pretrain the tiny preset offline, evaluate it with lm-eval, run each feature's arm,
-and write one markdown report (plus PNG plots) next to the runs.
+"""The demo (``lowbit demo``): pretrain the tiny preset offline, evaluate it with lm-eval, run each
+feature's arm, and write one markdown report (plus PNG plots) next to the runs.
 
 Arms (each in its own module, chosen with ``--arms``):
 ``optim`` (AdamW vs AdamW8bit / AdamW4bit), ``qat`` (float vs PTQ vs QAT), ``float8`` (loss parity),
@@ -61,21 +61,25 @@ def _run_arm(name: str, out: Path, eval_file: Path, base_ckpt: Path, base_overri
 
 
 def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms: list[str] = DEFAULT_ARMS,
-             num_items: int = 500) -> dict:
+             num_items: int = 500, overrides: list[str] = ()) -> dict:
     """Run the demo into ``out``; returns a summary dict and writes ``out/report.md``.
 
     The base run pretrains for ``steps`` (default: the config's); each arm's training runs use
-    ``arm_steps`` so that all arms fit in a few minutes on 2 cores.
+    ``arm_steps`` so that all arms fit in a few minutes on 2 cores. ``overrides`` (``key=value`` for
+    ``tiny_pretrain``) apply to every run, base and arms (e.g. a smaller model for a quick check).
     """
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     eval_file = write_jsonl(generate_hellaswag(num_items, seed=0), out / "data" / "hellaswag_local.jsonl")
     # overwrite=true: a demo re-run replaces the runs of the previous one in `out`
-    arm_overrides = [f"max_steps={arm_steps}", "checkpoint_every=0", "overwrite=true"]
+    arm_overrides = [*overrides, f"max_steps={arm_steps}", "checkpoint_every=0", "overwrite=true"]
 
     log.info("pretraining the tiny preset on the generated corpus")
     base_args = [f"max_steps={steps}"] if steps else []
-    base = run_recipe("finetune_recipe", "tiny_pretrain", [*base_args, f"output_dir={out / 'base'}", "overwrite=true"])
+    base = run_recipe(
+        "finetune_recipe", "tiny_pretrain",
+        [*overrides, *base_args, f"output_dir={out / 'base'}", "overwrite=true"],
+    )
     summary = json.loads((base.output_dir / "summary.json").read_text())
     base_ckpt = Path(summary["checkpoint"])
     model, _, meta = load_checkpoint(base_ckpt)
@@ -95,7 +99,9 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
         except Exception as e:  # report and continue: one broken arm must not hide the others
             log.error("demo arm %s failed: %s", name, e)
             failures.append(name)
-            sections.append(f"## {name}\n\nFAILED: `{type(e).__name__}: {e}`\n\n```\n{traceback.format_exc()}```\n")
+            sections.append(
+                f"## {name}\n\nFAILED: `{type(e).__name__}: {e}`\n\n```\n{traceback.format_exc()}```\n"
+            )
             continue
         plot = f"\n\n![{name}]({Path(arm['plot']).relative_to(out)})" if arm.get("plot") else ""
         sections.append(f"## {name}\n\n{arm['markdown']}{plot}\n\n_{time.perf_counter() - t0:.0f} s_\n")
@@ -108,8 +114,10 @@ def run_demo(out: Path, *, steps: int | None = None, arm_steps: int = 120, arms:
 
     plot_bars(accuracy, "hellaswag_local acc_norm per arm", "acc_norm", out / "accuracy.png")
     total = time.perf_counter() - t_start
-    note = (f"Each arm's runs train {arm_steps} steps (the base: {summary['step']}) on the same data with the "
-            "same seed, so arm accuracies are those of shorter runs; compare within an arm.")
+    note = (
+        f"Each arm's runs train {arm_steps} steps (the base: {summary['step']}) on the same data with the "
+        "same seed, so arm accuracies are those of shorter runs; compare within an arm."
+    )
     report = _report(base_row, [note + "\n", *sections] if arms else sections, total, accuracy)
     (out / "report.md").write_text(report)
     print(report)

@@ -34,8 +34,8 @@ MODEL = "smollm2-135m"
 SCHEMES = (("8da4w", 32), ("4w", 64))
 
 
-def _measure(name: str, model, tokenizer, reference_logits: torch.Tensor, windows: torch.Tensor, task_file: Path,
-             **extra) -> dict:
+def _measure(name: str, model, tokenizer, reference_logits: torch.Tensor, windows: torch.Tensor,
+             task_file: Path, **extra) -> dict:
     t = time.perf_counter()
     with torch.no_grad():
         kl = compare_to_reference(model, reference_logits, windows)
@@ -44,7 +44,8 @@ def _measure(name: str, model, tokenizer, reference_logits: torch.Tensor, window
     speed = bench_model(model, prompt_len=32, decode_tokens=16, repeats=1, profile=False)
     delete_kv_caches(model)  # the static KV cache the decode benchmark set up
     acc = acc_norm(res)
-    row = {"arm": name, **{k: kl[k] for k in ("ppl", "kl_mean", "kl_stderr", "top1_agreement", "top1_stderr")},
+    row = {"arm": name,
+           **{k: kl[k] for k in ("ppl", "kl_mean", "kl_stderr", "top1_agreement", "top1_stderr")},
            "acc_norm": acc, "acc_norm_stderr": math.sqrt(acc * (1 - acc) / n) if n else None, "items": n,
            "decode_tok_s": speed["decode_tok_s"], "seconds": time.perf_counter() - t, **extra}
     log.info("demo %s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
@@ -58,8 +59,8 @@ def _qat(out: Path, scheme: str, group_size: int, steps: int, batch_size: int, s
     t = time.perf_counter()
     run_recipe("qat_recipe", "smollm2_135m_qat", [
         f"output_dir={run_dir}", f"qat.scheme={scheme}", f"qat.group_size={group_size}", f"max_steps={steps}",
-        f"batch_size={batch_size}", f"data.seq_len={seq_len}", f"checkpoint_every={steps}", "progress_bar=false",
-        "overwrite=true", "lr_scheduler.num_warmup_steps=0"])
+        f"batch_size={batch_size}", f"data.seq_len={seq_len}", f"checkpoint_every={steps}",
+        "progress_bar=false", "overwrite=true", "lr_scheduler.num_warmup_steps=0"])
     return run_dir, time.perf_counter() - t, steps * batch_size * seq_len
 
 

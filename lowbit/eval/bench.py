@@ -160,7 +160,9 @@ def _load(source: str | nn.Module, dtype: torch.dtype | None):
         return model, f"preset {src} ({RANDOM_WEIGHTS_NOTE})", None
     path = Path(src)
     if not path.exists():
-        raise ValueError(f"{src!r} is neither a model preset ({sorted(PRESETS)}) nor an existing checkpoint dir")
+        raise ValueError(
+            f"{src!r} is neither a model preset ({sorted(PRESETS)}) nor an existing checkpoint dir"
+        )
     from lowbit.models.checkpoint import load_checkpoint
 
     model, _tok, meta = load_checkpoint(path)
@@ -173,7 +175,9 @@ def parse_schemes(text: str) -> list[str]:
         raise ValueError("--schemes is empty; give e.g. none,8w,4w,8da4w")
     bad = [s for s in schemes if s not in INFERENCE_SCHEMES]
     if bad:
-        raise ValueError(f"unknown scheme(s) {bad} in --schemes; expected names from {list(INFERENCE_SCHEMES)}")
+        raise ValueError(
+            f"unknown scheme(s) {bad} in --schemes; expected names from {list(INFERENCE_SCHEMES)}"
+        )
     return schemes
 
 

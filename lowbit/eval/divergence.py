@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-def token_windows(tokenizer, documents: list[str], window: int = 512, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(tokenizer, documents: list[str], window: int = 512,
+                  max_windows: int | None = None) -> torch.Tensor:
     """``[n, window]`` int64: the documents tokenized (each after BOS) and concatenated, cut into windows."""
     ids: list[int] = []
     for doc in documents:

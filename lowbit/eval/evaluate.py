@@ -139,14 +139,16 @@ def evaluate(
     if kl_reference is not None:
         results["kl"] = divergence_from(model, tokenizer, kl_reference, text, kl_windows, kl_window)
     if tasks:
-        results = {**run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples, batch_size),
+        results = {**run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples,
+                                 batch_size),
                    **({"kl": results["kl"]} if "kl" in results else {})}
     results["lowbit"] = {"scheme": scheme_used, "compiled": compile,
                          "checkpoint": str(meta["path"]) if meta else None}
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        keep = {k: results[k] for k in ("results", "versions", "n-shot", "config", "lowbit", "kl") if k in results}
+        keep = {k: results[k] for k in ("results", "versions", "n-shot", "config", "lowbit", "kl")
+                if k in results}
         (out / "results.json").write_text(json.dumps(keep, indent=1, default=str))
     return results
 
@@ -159,8 +161,8 @@ def divergence_from(model, tokenizer, reference, text, windows: int, window: int
 
     ref_model, ref_tok, _ = load_checkpoint(reference)
     if vocab_size_of(ref_tok) != vocab_size_of(tokenizer):
-        raise ValueError(f"--kl-reference {reference}: its tokenizer has {vocab_size_of(ref_tok)} tokens, the "
-                         f"evaluated model's {vocab_size_of(tokenizer)}; KL needs the same vocabulary")
+        raise ValueError(f"--kl-reference {reference}: its tokenizer has {vocab_size_of(ref_tok)} tokens, "
+                         f"the evaluated model's {vocab_size_of(tokenizer)}; KL needs the same vocabulary")
     source = text or "python-docs"
     if str(source).endswith(".jsonl"):
         from lowbit.data.loaders import read_jsonl

@@ -26,12 +26,18 @@ def setup_kv_cache(model: nn.Module, batch_size: int, max_len: int, dtype: torch
     """
     dec = _decoder(model)
     if not hasattr(dec, "setup_caches"):
-        raise TypeError(f"model must be a torchtune TransformerDecoder (has setup_caches); got {type(dec).__name__}")
+        raise TypeError(
+            f"model must be a torchtune TransformerDecoder (has setup_caches); got {type(dec).__name__}"
+        )
     if max_len > dec.max_seq_len:
         raise ValueError(f"prompt + new tokens = {max_len} exceeds the model's max_seq_len {dec.max_seq_len}")
     dtype = dtype or dec.tok_embeddings.weight.dtype
     cache = dec.layers[0].attn.kv_cache if dec.caches_are_setup() else None
-    if cache is not None and tuple(cache.k_cache.shape[::2]) == (batch_size, max_len) and cache.k_cache.dtype == dtype:
+    if (
+        cache is not None
+        and tuple(cache.k_cache.shape[::2]) == (batch_size, max_len)
+        and cache.k_cache.dtype == dtype
+    ):
         dec.reset_caches()
         return
     if cache is not None:  # torchtune's setup_caches silently keeps existing caches: drop them first
@@ -124,7 +130,9 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, tem
     ``torchtune.modules.common_utils.delete_kv_caches(model)`` to run plain full-sequence forwards again.
     """
     if prompt.ndim != 2 or prompt.dtype != torch.long:
-        raise ValueError(f"prompt must be a (B, P) int64 tensor, got shape {tuple(prompt.shape)} {prompt.dtype}")
+        raise ValueError(
+            f"prompt must be a (B, P) int64 tensor, got shape {tuple(prompt.shape)} {prompt.dtype}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b, p = prompt.shape

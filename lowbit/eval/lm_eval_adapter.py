@@ -67,7 +67,8 @@ class LowbitLM(TemplateLM):
         n = len(continuation)
         return tuple(whole[:-n]), whole[-n:]
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              **kwargs) -> list[tuple[float, bool]]:
         """For each ``(key, context_ids, continuation_ids)``: (sum of continuation log-probs, greedy?).
 
         Requests that share a context (the endings of one multiple-choice item) form a *group*: the

@@ -100,7 +100,9 @@ def quantize_for_inference(
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     for name, p in model.named_parameters():
         if p.device.type != "cpu":
-            raise ValueError(f"quantize_for_inference is for CPU inference; parameter {name!r} is on {p.device}")
+            raise ValueError(
+                f"quantize_for_inference is for CPU inference; parameter {name!r} is on {p.device}"
+            )
     name = "none" if s is None else s.name
     target = dtype or _KERNEL_DTYPE[name] or _float_dtype(model)
     if target not in _DTYPES:
@@ -172,7 +174,9 @@ class Int8DynActInt4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
 
 
 def _swap_8da4w_to_int4pack(model: nn.Module) -> None:

@@ -2,13 +2,18 @@
 
 The three recipes (each a fixed choice of float8 dtype and scaling granularity per GEMM operand):
 
-=====================  ===========================  ==============================  ==========================
-recipe                 output = input @ weight.T    grad_input = grad_out @ weight  grad_weight = grad_out.T @ input
-=====================  ===========================  ==============================  ==========================
-``tensorwise``         e4m3 x e4m3, one scale each  e5m2 x e4m3, one scale each     e5m2 x e4m3, one scale each
-``rowwise``            e4m3 per row x e4m3 per col  e4m3 per row x e4m3 per col     e4m3 per row x e4m3 per col
-``rowwise_with_gw_hp`` e4m3 per row x e4m3 per col  e4m3 per row x e4m3 tensorwise  high precision (no float8)
-=====================  ===========================  ==============================  ==========================
+=====================  ======================  =========================  ==========================
+recipe                 output = x @ w.T        grad_input = go @ w        grad_weight = go.T @ x
+=====================  ======================  =========================  ==========================
+``tensorwise``         e4m3 x e4m3, 1 scale    e5m2 x e4m3, 1 scale each  e5m2 x e4m3, 1 scale each
+                       each
+``rowwise``            e4m3 per row x e4m3     e4m3 per row x e4m3 per    e4m3 per row x e4m3 per col
+                       per col                 col
+``rowwise_with_gw_hp`` e4m3 per row x e4m3     e4m3 per row x e4m3        high precision (no float8)
+                       per col                 tensorwise
+=====================  ======================  =========================  ==========================
+
+(x: the input, w: the weight, go: grad_output.)
 
 Rowwise recipes round every scale down to a power of two. Only the forward GEMM uses fast accumulation.
 
@@ -76,8 +81,12 @@ class Float8TrainingConfig:
         grad_output_dtype: str | None = None,
     ) -> Float8TrainingConfig:
         """The config for a named recipe; raises ``ValueError`` naming the valid recipes."""
-        return cls(recipe=recipe, emulate=emulate, enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather,
-                   grad_output_dtype=grad_output_dtype)
+        return cls(
+            recipe=recipe,
+            emulate=emulate,
+            enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather,
+            grad_output_dtype=grad_output_dtype,
+        )
 
     @property
     def grad_output_float8_dtype(self) -> torch.dtype:

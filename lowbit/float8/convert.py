@@ -75,8 +75,13 @@ def auto_filter(recipe: str) -> ModuleFilter:
     def filter_fn(module: nn.Module, fqn: str) -> bool:
         return default_filter(module, fqn) and not too_small(*module.weight.shape)
 
-    filter_fn.skip_reason = lambda m, fqn: default_skip_reason(m, fqn) or (  # type: ignore[attr-defined]
-        f"too small to gain on H100 ({tuple(m.weight.shape)}, auto filter)" if too_small(*m.weight.shape) else None
+    filter_fn.skip_reason = lambda m, fqn: (
+        default_skip_reason(m, fqn)
+        or (  # type: ignore[attr-defined]
+            f"too small to gain on H100 ({tuple(m.weight.shape)}, auto filter)"
+            if too_small(*m.weight.shape)
+            else None
+        )
     )
     return filter_fn
 
@@ -129,7 +134,9 @@ def convert_to_float8_training(
     if not isinstance(config, Float8TrainingConfig):
         raise ValueError(f"config must be a Float8TrainingConfig, got {type(config).__name__}")
     filter_fn = module_filter_fn if module_filter_fn is not None else default_filter
-    skip_reason = getattr(filter_fn, "skip_reason", default_skip_reason if filter_fn is default_filter else None)
+    skip_reason = getattr(
+        filter_fn, "skip_reason", default_skip_reason if filter_fn is default_filter else None
+    )
 
     for fqn, module in model.named_modules():
         if isinstance(module, Float8Linear):
@@ -161,8 +168,11 @@ def convert_to_float8_training(
         converted.append(fqn or "<root>")
 
     log.info(
-        "float8 (%s%s): converted %d linear layers: %s", config.recipe, ", emulated" if config.emulate else "",
-        len(converted), ", ".join(converted) or "-",
+        "float8 (%s%s): converted %d linear layers: %s",
+        config.recipe,
+        ", emulated" if config.emulate else "",
+        len(converted),
+        ", ".join(converted) or "-",
     )
     log.info("float8: kept %d linear layers in high precision: %s", len(skipped), "; ".join(skipped) or "-")
     return model

@@ -1,7 +1,7 @@
 """float8 training as a model conversion with a post-optimizer hook (the shape of torchtitan's converter).
 
-    converter = Float8Converter(Float8TrainingConfig.from_recipe("tensorwise", enable_fsdp_float8_all_gather=True),
-                                precompute_scales=True)
+    config = Float8TrainingConfig.from_recipe("tensorwise", enable_fsdp_float8_all_gather=True)
+    converter = Float8Converter(config, precompute_scales=True)
     model = converter.convert(model)          # before fully_shard
     ...
     optimizer.step()

@@ -48,8 +48,14 @@ class Float8AllGatherWeight(torch.Tensor):
     @staticmethod
     def __new__(cls, tensor: torch.Tensor, precomputed: tuple[torch.Tensor, int] | None = None):
         return torch.Tensor._make_wrapper_subclass(
-            cls, tensor.size(), strides=tensor.stride(), storage_offset=tensor.storage_offset(),
-            dtype=tensor.dtype, layout=tensor.layout, device=tensor.device, requires_grad=tensor.requires_grad,
+            cls,
+            tensor.size(),
+            strides=tensor.stride(),
+            storage_offset=tensor.storage_offset(),
+            dtype=tensor.dtype,
+            layout=tensor.layout,
+            device=tensor.device,
+            requires_grad=tensor.requires_grad,
         )
 
     def __init__(self, tensor: torch.Tensor, precomputed: tuple[torch.Tensor, int] | None = None):

@@ -37,7 +37,9 @@ def _forward_gemm(x: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: b
     return float8_mm(x8, sx, w8, sw, x.dtype, use_fast_accum=True, emulate=emulate)
 
 
-def _grad_input_gemm(go: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
+def _grad_input_gemm(
+    go: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype
+) -> torch.Tensor:
     """grad_input (M, K) = grad_output (M, N) @ weight (N, K); grad_output cast to ``go_dtype``."""
     if recipe == "tensorwise":
         go8, sgo = cast_to_float8(go, go_dtype)
@@ -51,7 +53,9 @@ def _grad_input_gemm(go: torch.Tensor, weight: torch.Tensor, recipe: str, emulat
     return float8_mm(go8, sgo, w8, sw, go.dtype, use_fast_accum=False, emulate=emulate)
 
 
-def _grad_weight_gemm(go: torch.Tensor, x: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
+def _grad_weight_gemm(
+    go: torch.Tensor, x: torch.Tensor, recipe: str, emulate: bool, go_dtype
+) -> torch.Tensor:
     """grad_weight (N, K) = grad_output (M, N).T @ x (M, K); grad_output cast to ``go_dtype``."""
     if recipe == "rowwise_with_gw_hp":
         return torch.mm(go.t(), x)
@@ -68,7 +72,9 @@ class _Float8LinearFn(torch.autograd.Function):
     """``input (..., K) @ weight (N, K).T -> (..., N)`` with float8 GEMMs in forward and backward."""
 
     @staticmethod
-    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype) -> torch.Tensor:
+    def forward(
+        ctx, input: torch.Tensor, weight: torch.Tensor, recipe: str, emulate: bool, go_dtype
+    ) -> torch.Tensor:
         x = input.reshape(-1, input.shape[-1])
         ctx.save_for_backward(x, weight)
         ctx.recipe, ctx.emulate, ctx.go_dtype, ctx.input_shape = recipe, emulate, go_dtype, input.shape
@@ -81,14 +87,17 @@ class _Float8LinearFn(torch.autograd.Function):
         go = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = _grad_input_gemm(go, weight, ctx.recipe, ctx.emulate, ctx.go_dtype).reshape(ctx.input_shape)
+            grad_input = _grad_input_gemm(go, weight, ctx.recipe, ctx.emulate, ctx.go_dtype).reshape(
+                ctx.input_shape
+            )
         if ctx.needs_input_grad[1]:
             grad_weight = _grad_weight_gemm(go, x, ctx.recipe, ctx.emulate, ctx.go_dtype)
         return grad_input, grad_weight, None, None, None
 
 
 def check_float8_hardware(device: torch.device, emulate: bool, layer: str = "") -> None:
-    """Raise if ``torch._scaled_mm`` cannot run on ``device`` (a CUDA GPU older than SM89) without emulation."""
+    """Raise if ``torch._scaled_mm`` cannot run on ``device`` (a CUDA GPU older than SM89) without
+    emulation."""
     if emulate or device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)

@@ -85,7 +85,8 @@ def remove_stale_tmp(parent: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_model_dir(out: Path, state_dict: dict[str, torch.Tensor], meta: dict, tokenizer_dir: Path | None) -> None:
+def save_model_dir(out: Path, state_dict: dict[str, torch.Tensor], meta: dict,
+                   tokenizer_dir: Path | None) -> None:
     """Write weights, metadata and tokenizer into ``out`` (an existing, usually temporary, directory)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(out / WEIGHTS_FILE))
@@ -123,7 +124,8 @@ def model_file(name: str) -> Path:
     try:
         path = Path(importlib.metadata.distribution(dist).locate_file(rel))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"model {name!r} needs the package {dist!r}, which is not installed; {hint}") from None
+        raise FileNotFoundError(f"model {name!r} needs the package {dist!r}, which is not installed; "
+                                f"{hint}") from None
     if not path.is_file():
         raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed {dist!r}; {hint}")
     return path
@@ -168,7 +170,8 @@ def verify_checkpoint(ckpt: Path, *, training_state: bool = False) -> dict:
     ``training_state=False`` skips what only a resume reads (``dcp/``, ``training_state.pt``).
     Raises :class:`CorruptCheckpointError` naming the corrupt file and the checkpoint.
     """
-    verify_manifest(ckpt, None if training_state else lambda rel: not rel.startswith(("dcp/", "training_state")))
+    verify_manifest(ckpt, None if training_state
+                    else lambda rel: not rel.startswith(("dcp/", "training_state")))
     return read_meta(ckpt)
 
 
@@ -256,9 +259,10 @@ def hf_rope_scaling(config: dict) -> RopeScaling | None:
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ValueError(f"config.json: unsupported rope_type {kind!r}; lowbit supports 'default' (plain RoPE) "
-                         "and 'llama3'")
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        raise ValueError(f"config.json: unsupported rope_type {kind!r}; lowbit supports 'default' "
+                         "(plain RoPE) and 'llama3'")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")
                if k not in rs]
     if missing:
         raise ValueError(f"config.json: llama3 rope scaling is missing {missing}")
@@ -270,11 +274,13 @@ def hf_rope_scaling(config: dict) -> RopeScaling | None:
 def hf_model_args(config: dict) -> ModelArgs:
     """Map a Hugging Face Llama ``config.json`` to :class:`ModelArgs`."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"unsupported Hugging Face model_type {config.get('model_type')!r}; expected 'llama'")
+        raise ValueError(f"unsupported Hugging Face model_type {config.get('model_type')!r}; "
+                         "expected 'llama'")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     if head_dim * heads != config["hidden_size"]:
-        raise ValueError(f"config.json: head_dim {head_dim} x {heads} heads != hidden_size {config['hidden_size']}")
+        raise ValueError(f"config.json: head_dim {head_dim} x {heads} heads "
+                         f"!= hidden_size {config['hidden_size']}")
     theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10_000.0))
     return ModelArgs(
         vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -305,5 +311,6 @@ def load_hf_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
         )
         state = checkpointer.load_checkpoint()["model"]
     model = _model_from_state(args, state, device, path)
-    meta = {"format": "huggingface", "model_args": args.to_dict(), "path": str(path), "tokenizer_dir": str(path)}
+    meta = {"format": "huggingface", "model_args": args.to_dict(), "path": str(path),
+            "tokenizer_dir": str(path)}
     return model, load_tokenizer(path), meta

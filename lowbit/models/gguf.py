@@ -45,8 +45,8 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
 
 # Pre-tokenizer split rules by ``tokenizer.ggml.pre`` (llama.cpp's names).
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS = {
     # name: (split digits one by one first, regex)
     "gpt2": (False, _GPT2_PATTERN),
@@ -70,7 +70,8 @@ def _reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct / numpy errors on bad bytes
-        raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
+                        f"{type(e).__name__}: {e}") from None
 
 
 def _field(reader, key: str, default=None):
@@ -92,14 +93,15 @@ def model_args(reader, path: Path) -> ModelArgs:
     """:class:`ModelArgs` from a GGUF's ``llama.*`` metadata (and ``rope_freqs.weight`` if present)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"{path}: general.architecture is {arch!r}; lowbit loads {list(SUPPORTED_ARCHITECTURES)}")
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; "
+                        f"lowbit loads {list(SUPPORTED_ARCHITECTURES)}")
     p = arch + "."
     dim = int(_require(reader, path, p + "embedding_length"))
     heads = int(_require(reader, path, p + "attention.head_count"))
     rope_dim = _field(reader, p + "rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != dim // heads:
-        raise GGUFError(f"{path}: {p}rope.dimension_count={rope_dim} != head dim {dim // heads} (partial RoPE "
-                        "is not supported)")
+        raise GGUFError(f"{path}: {p}rope.dimension_count={rope_dim} != head dim {dim // heads} "
+                        "(partial RoPE is not supported)")
     scaling = _field(reader, p + "rope.scaling.type")
     if scaling not in (None, "none"):
         raise GGUFError(f"{path}: {p}rope.scaling.type={scaling!r} is not supported (plain RoPE or Llama-3 "
@@ -154,7 +156,8 @@ def _tensor(reader, path: Path, name: str) -> torch.Tensor:
     try:
         data = quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
-        raise GGUFError(f"{path}: tensor {name!r} ({kind}) could not be read (truncated or corrupt?): {e}") from None
+        raise GGUFError(f"{path}: tensor {name!r} ({kind}) could not be read (truncated or corrupt?): "
+                        f"{e}") from None
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
@@ -221,8 +224,8 @@ def write_tokenizer(reader, path: Path, out_dir: Path) -> Path:
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "model_max_length": int(_field(reader, "llama.context_length", 2048)),
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
-                                                              indent=1))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not None}, indent=1))
     return out_dir
 
 

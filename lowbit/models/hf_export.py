@@ -13,7 +13,8 @@ from torchtune.models.convert_weights import tune_to_hf
 from lowbit.models.checkpoint import atomic_dir, load_checkpoint
 from lowbit.models.presets import ModelArgs
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def hf_config(args: ModelArgs, tokenizer_config: dict) -> dict:

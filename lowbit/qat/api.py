@@ -107,12 +107,13 @@ def prepare(
             lora_children.add(fqn)
             if not keep(mod, fqn):
                 continue
-            if not isinstance(mod.dropout, nn.Identity) or getattr(mod, "_quantize_base", False) or hasattr(
-                mod, "magnitude"
-            ):
+            extras = (not isinstance(mod.dropout, nn.Identity) or getattr(mod, "_quantize_base", False)
+                      or hasattr(mod, "magnitude"))
+            if extras:
                 raise ValueError(
-                    f"prepare: LoRA layer {fqn!r} has adapter dropout, an NF4 base or DoRA; QAT fake-quantizes "
-                    "the merged weight W + (alpha/r) B A and needs lora_dropout=0, a float base, no DoRA"
+                    f"prepare: LoRA layer {fqn!r} has adapter dropout, an NF4 base or DoRA; QAT "
+                    "fake-quantizes the merged weight W + (alpha/r) B A and needs lora_dropout=0, "
+                    "a float base, no DoRA"
                 )
             if scheme.fits(nn.Linear(mod.in_dim, mod.out_dim, device="meta")):
                 linears.append((fqn, mod))
@@ -198,7 +199,9 @@ def convert(model: nn.Module) -> nn.Module:
     scheme = next(iter(mods.values())).scheme
     for fqn, m in mods.items():
         if m.weight.is_meta:
-            raise ValueError(f"convert: layer {fqn!r} is on the meta device; load real weights before convert")
+            raise ValueError(
+                f"convert: layer {fqn!r} is on the meta device; load real weights before convert"
+            )
     lin_fqns = {n for n, m in mods.items() if not isinstance(m, FakeQuantEmbedding)}
     emb_fqns = {n for n, m in mods.items() if isinstance(m, FakeQuantEmbedding)}
     unprepare(model)

@@ -2,7 +2,7 @@
 
 A state tensor is flattened and cut into blocks of ``block_size`` elements (the last block may be
 partial). Each block stores one fp32 scale (its absmax over finite values) and one code per
-element. Three formats (see DESIGN.md):
+element. Three formats (docs/design.md, "Numerics contracts"):
 
 - 8-bit: a signed dynamic-tree map for the first moment, an unsigned one for the second
   (256 sorted fp32 values each, codes are indices into the map).

@@ -1,6 +1,6 @@
 """float8 casts and the scaled GEMM: pure functions used by ``lowbit.float8`` (no nn.Module).
 
-Conventions (DESIGN.md, "float8"):
+Conventions (docs/design.md, "Numerics contracts"):
 
 * ``scale`` multiplies a high-precision tensor into the float8 range: ``x_fp8 = sat(x * scale)``,
   ``x ~= x_fp8 / scale``. It is ``fp8_max / clamp(amax, 1e-12)``, computed in float64 and rounded once
@@ -129,7 +129,9 @@ def float8_mm(
     """
     m, n = a_data.shape[0], b_data.shape[1]
     if a_data.shape[1] != b_data.shape[0]:
-        raise ValueError(f"float8_mm: inner dims differ, a is {tuple(a_data.shape)}, b is {tuple(b_data.shape)}")
+        raise ValueError(
+            f"float8_mm: inner dims differ, a is {tuple(a_data.shape)}, b is {tuple(b_data.shape)}"
+        )
     if emulate:
         return torch.mm(dequantize_float8(a_data, a_scale), dequantize_float8(b_data, b_scale)).to(out_dtype)
 

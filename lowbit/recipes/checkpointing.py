@@ -90,8 +90,10 @@ def check_compatible(ckpt: Path, model_args: dict, optimizer) -> None:
         raise ConfigError(f"cannot resume from {ckpt}: it holds another model ({what})")
     want = optimizer_name(optimizer)
     if meta.get("optimizer") != want:
-        raise ConfigError(f"cannot resume from {ckpt}: it was written with optimizer {meta.get('optimizer')}, "
-                          f"this run uses {want}")
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written with optimizer {meta.get('optimizer')}, "
+            f"this run uses {want}"
+        )
 
 
 def load(ckpt: Path, rt: Runtime, model, optimizer) -> dict:
@@ -110,7 +112,8 @@ def load_training_state(path: Path) -> dict:
     except Exception as e:  # torch's message would suggest weights_only=False: never for a checkpoint
         raise CorruptCheckpointError(f"{path} is corrupt: not a torch archive of plain tensors and numbers "
                                      f"({type(e).__name__})") from None
-    missing = [k for k in ("step", "lr_scheduler", "rng", "losses") if not isinstance(state, dict) or k not in state]
+    missing = [k for k in ("step", "lr_scheduler", "rng", "losses")
+               if not isinstance(state, dict) or k not in state]
     if missing:
         raise CorruptCheckpointError(f"{path} is corrupt: no {missing} entries")
     return state
@@ -124,7 +127,8 @@ def _interrupt_after_write():
     ``CheckpointException``: an interrupt mid-write would surface as an internal error. A second Ctrl-C
     abandons the write (``save`` removes the temporary directory) and raises ``KeyboardInterrupt``.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield  # signal handlers belong to the main thread; an ignored SIGINT stays ignored
         return
     pressed: list[int] = []
@@ -133,7 +137,8 @@ def _interrupt_after_write():
         pressed.append(signum)
         if len(pressed) > 1:
             raise KeyboardInterrupt
-        log.warning("Ctrl-C: finishing the checkpoint being written, then stopping (Ctrl-C again to abandon it)")
+        log.warning("Ctrl-C: finishing the checkpoint being written, then stopping "
+                    "(Ctrl-C again to abandon it)")
 
     previous = signal.signal(signal.SIGINT, hold)
     try:

@@ -1,7 +1,7 @@
 """Full-weight training of a torchtune decoder: pretraining from a preset or fine-tuning a checkpoint.
 
-    tune run lowbit/recipes/finetune_recipe.py --config lowbit/recipes/configs/tiny_pretrain.yaml
-    lowbit run finetune_recipe --config tiny_pretrain max_steps=100 optimizer._component_=lowbit.optim.AdamW8bit
+tune run lowbit/recipes/finetune_recipe.py --config lowbit/recipes/configs/tiny_pretrain.yaml
+lowbit run finetune_recipe --config tiny_pretrain max_steps=100 optimizer._component_=lowbit.optim.AdamW8bit
 """
 
 import sys

@@ -38,8 +38,8 @@ METRICS_FILE = "metrics.jsonl"
 # What a run writes into its output_dir: overwrite=true deletes exactly these, nothing else.
 RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "summary.json", "tokenizer", RUN_FILE)
 # Config keys that may change when a run is resumed (they change neither the model nor its data order).
-RESUMABLE_KEYS = frozenset({"max_steps", "log_every", "progress_bar", "checkpoint_every", "keep_last", "resume",
-                            "overwrite", "output_dir", "device", "compile"})
+RESUMABLE_KEYS = frozenset({"max_steps", "log_every", "progress_bar", "checkpoint_every", "keep_last",
+                            "resume", "overwrite", "output_dir", "device", "compile"})
 
 
 @dataclass
@@ -164,7 +164,8 @@ def _decide(output_dir: Path, config: dict, normalize: Callable[[dict], dict]) -
             log.warning("resume: skipping %s: %s; moved it to %s", bad.name, why, _move_aside(bad))
         if ckpt is None and skipped:
             raise CorruptCheckpointError(
-                f"resume=true: no intact checkpoint in {output_dir} (corrupt: {', '.join(b.name for b, _ in skipped)}, "
+                f"resume=true: no intact checkpoint in {output_dir} "
+                f"(corrupt: {', '.join(b.name for b, _ in skipped)}, "
                 "moved aside as checkpoints/corrupt-*); pass overwrite=true to start over")
         if ckpt is None:
             log.info("resume=true but no checkpoint in %s: starting from step 0", output_dir)
@@ -188,7 +189,8 @@ def _decide(output_dir: Path, config: dict, normalize: Callable[[dict], dict]) -
                 record = None
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if record is None:
-        record = {"run_id": run_id, "config_hash": config_hash(config), "started": now, "seed": config.get("seed"),
+        record = {"run_id": run_id, "config_hash": config_hash(config), "started": now,
+                  "seed": config.get("seed"),
                   "config": {k: v for k, v in config.items() if k not in HIDDEN_KEYS}, "resumed": []}
     if ckpt is not None:
         record.setdefault("resumed", []).append({"at": now, "from": ckpt.name})
@@ -197,7 +199,8 @@ def _decide(output_dir: Path, config: dict, normalize: Callable[[dict], dict]) -
     return run_id, ckpt
 
 
-def start_run(output_dir: Path, config: dict, rt: Runtime, normalize: Callable[[dict], dict] = dict) -> RunStart:
+def start_run(output_dir: Path, config: dict, rt: Runtime,
+              normalize: Callable[[dict], dict] = dict) -> RunStart:
     """Claim ``output_dir`` for the run with (resolved, plain) ``config``; a collective under torchrun.
 
     ``normalize`` maps a checkpoint's saved config to the form of ``config`` (defaults filled in) so

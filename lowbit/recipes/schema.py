@@ -209,7 +209,8 @@ def validate_config(cfg: DictConfig, schema: type) -> DictConfig:
         found = _lookup(schema, key)
         if found is None:
             raise ConfigError(f"config key {key!r} in {origin(cfg, key)}: {str(e).splitlines()[0]}") from None
-        raise _error(cfg, key, OmegaConf.select(cfg, key, default=None), found[0].metadata, found[1]) from None
+        raise _error(cfg, key, OmegaConf.select(cfg, key, default=None), found[0].metadata,
+                     found[1]) from None
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"config key {missing[0]!r} is required: set it in "
@@ -240,7 +241,9 @@ def check_paths(cfg: DictConfig, schema: type) -> None:
                 if (kind == "unless generated" and value in ("generated", *TEXT_SOURCES)
                         or kind == "or model name" and value in MODEL_NAMES):
                     continue
-                names = f" and is not one of the model names {sorted(MODEL_NAMES)}" if kind == "or model name" else ""
-                raise ConfigError(f"config key {dotted!r} in {origin(cfg, dotted)}: path {value!r} does not exist{names}")
+                names = (f" and is not one of the model names {sorted(MODEL_NAMES)}"
+                         if kind == "or model name" else "")
+                raise ConfigError(f"config key {dotted!r} in {origin(cfg, dotted)}: "
+                                  f"path {value!r} does not exist{names}")
 
     walk(cfg, schema, "")

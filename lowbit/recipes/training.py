@@ -83,8 +83,8 @@ class TrainingRecipe:
         self.dtype = DTYPE_NAMES[cfg.dtype]
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
-            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be divisible "
-                              f"by the number of processes ({rt.world_size})")
+            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be "
+                              f"divisible by the number of processes ({rt.world_size})")
         self.run = run_dir.start_run(self.output_dir, OmegaConf.to_container(cfg, resolve=True), rt,
                                      normalize=lambda saved: normalized(saved, self.CONFIG_SCHEMA))
         if rt.is_main:
@@ -228,7 +228,8 @@ class TrainingRecipe:
             done = list_checkpoints(self.output_dir)
             where = f"last complete checkpoint: {done[-1]}" if done else "no checkpoint was written yet"
             # the command line prints this as its last line (lowbit.recipes.errors)
-            raise TrainingInterrupted(f"interrupted at step {self.step}; {where} (continue with resume=true)") from e
+            raise TrainingInterrupted(f"interrupted at step {self.step}; {where} "
+                                      "(continue with resume=true)") from e
         finally:
             bar.close()
             if metrics is not None:
@@ -265,7 +266,8 @@ class TrainingRecipe:
         path = self.output_dir / "metrics.jsonl"
         recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         steady = [r["step_s"] for r in recs[min(3, len(recs) - 1):]] if recs else []
-        tokens = self.step * self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1) * self.cfg.data.seq_len
+        tokens = (self.step * self.cfg.batch_size * self.cfg.get("gradient_accumulation_steps", 1)
+                  * self.cfg.data.seq_len)
         return {"train_tokens": tokens, "train_seconds": sum(r["step_s"] for r in recs),
                 "mean_step_ms": 1000 * sum(steady) / len(steady) if steady else None}
 

@@ -45,13 +45,15 @@ def test_pack_documents_frames_each_doc_with_bos_eos(tmp_path):
 @pytest.mark.parametrize("name,content,message", [
     ("empty.txt", b"", "{}: empty (no non-blank lines)"),
     ("blank.txt", b"\n  \n", "{}: empty (no non-blank lines)"),
-    ("latin1.txt", "first\ncaf\u00e9 au lait\n".encode("latin-1"), "{}:2: not UTF-8 text (byte 0xe9 at column 4)"),
+    ("latin1.txt", "first\ncaf\u00e9 au lait\n".encode("latin-1"),
+     "{}:2: not UTF-8 text (byte 0xe9 at column 4)"),
     ("binary.txt", b"ok\n\x00\x01\x02\x03", "{}:2: not text (NUL byte at column 1)"),
     ("empty.jsonl", b"\n", "{}: empty (no JSON objects)"),
     ("binary.jsonl", b'{"text": "a"}\n\xff\xfe{}\n', "{}:2: not UTF-8 text (byte 0xff at column 1)"),
     ("int.jsonl", b'{"text": "a"}\n{"text": 5}\n', "{}:2: field 'text' is int 5, expected a string"),
     ("null.jsonl", b'{"text": "a"}\n\n{"text": null}\n', "{}:3: field 'text' is null, expected a string"),
-    ("array.json", b'[{"text": "a"}, {"text": ["b"]}]', "{}: record 2: field 'text' is list ['b'], expected a string"),
+    ("array.json", b'[{"text": "a"}, {"text": ["b"]}]',
+     "{}: record 2: field 'text' is list ['b'], expected a string"),
     ("lines.json", b'{"text": "a"}\n{"text": 1.5}\n', "{}:2: field 'text' is float 1.5, expected a string"),
 ])
 def test_empty_binary_or_non_string_data_names_file_and_line(tmp_path, name, content, message):

@@ -64,13 +64,14 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     # same seed and data: the first loss (before any optimizer step) is the same, then the optimizers differ
     assert logged["AdamW4bit"][0] == logged["AdamW (fp32)"][0]
     assert logged["AdamW4bit"][1:] != logged["AdamW (fp32)"][1:]
-    assert rows["AdamW4bit"]["loss_vs_adamw"] == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1
+    assert (rows["AdamW4bit"]["loss_vs_adamw"]
+            == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1)
 
     # state memory: exactly the layout of each optimizer over the model's parameter shapes
     from lowbit.recipes.runner import run_recipe
 
-    model = run_recipe("finetune_recipe", "tiny_pretrain",
-                       [*SMALL_RUN, "max_steps=0", f"output_dir={tmp_path / 'shapes'}"]).model
+    model = run_recipe("finetune_recipe", "tiny_pretrain",  # the schema wants max_steps >= 1; shapes only
+                       [*SMALL_RUN, "max_steps=1", f"output_dir={tmp_path / 'shapes'}"]).model
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     n = sum(math.prod(s) for s in shapes)
     for name, fmt in (("AdamW (fp32)", "fp32"), ("AdamW4bit", "4bit")):

@@ -16,7 +16,9 @@ from lowbit.models import build_model
 def _flag_values():
     import torch._inductor.config as cfg
 
-    return {k: (getattr(cfg.cpp, k[4:]) if k.startswith("cpp.") else getattr(cfg, k)) for k in CPU_INDUCTOR_FLAGS}
+    return {
+        k: (getattr(cfg.cpp, k[4:]) if k.startswith("cpp.") else getattr(cfg, k)) for k in CPU_INDUCTOR_FLAGS
+    }
 
 
 def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkeypatch):

@@ -13,7 +13,9 @@ def trained(tmp_path_factory):
     from tests.conftest import SMALL_RUN
 
     tmp = tmp_path_factory.mktemp("handoff")
-    run = run_recipe("finetune_recipe", "tiny_pretrain", [*SMALL_RUN, "max_steps=20", f"output_dir={tmp / 'run'}"])
+    run = run_recipe(
+        "finetune_recipe", "tiny_pretrain", [*SMALL_RUN, "max_steps=20", f"output_dir={tmp / 'run'}"]
+    )
     task = tmp / "task.jsonl"
     write_jsonl(generate_hellaswag(24, seed=0), task)
     return run.output_dir, task
@@ -46,7 +48,25 @@ def test_lowbit_eval_passes_group_size_and_dtype(trained, monkeypatch, capsys):
         return real(model, scheme, **kw)
 
     monkeypatch.setattr(quantize, "quantize_for_inference", spy)
-    assert cli.main(["eval", "--checkpoint", str(run), "--task-file", str(task), "--limit", "4", "--scheme", "8da4w",
-                     "--group-size", "64", "--dtype", "fp32"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run),
+                "--task-file",
+                str(task),
+                "--limit",
+                "4",
+                "--scheme",
+                "8da4w",
+                "--group-size",
+                "64",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     assert seen == [("8da4w", {"group_size": 64, "dtype": torch.float32})]
     assert "scheme: 8da4w" in capsys.readouterr().out

@@ -34,7 +34,8 @@ def test_perplexity_task_equals_disjoint_window_brute_force(tiny, tmp_path):
     model, tok = tiny
     docs = ["Anna opens the box and takes the cup. " * 12, "Ben wipes the table, then he sits down.", "x y z"]
     f = write_jsonl([{"text": d} for d in docs], tmp_path / "docs.jsonl")
-    res = evaluate(model=model, tokenizer=tok, tasks="perplexity_local", text=f)["results"]["perplexity_local"]
+    res = evaluate(model=model, tokenizer=tok, tasks="perplexity_local",
+                   text=f)["results"]["perplexity_local"]
     total, words, nbytes = 0.0, 0, 0
     for d in docs:  # lm-eval's rolling windows: every token predicted once, with up to 64 tokens before it
         ids = tok.encode(d, add_bos=False, add_eos=False)

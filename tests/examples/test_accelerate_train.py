@@ -15,9 +15,25 @@ SMALL = ["--dim", "64", "--num-docs", "256", "--seq-len", "32"]
 
 
 def train(out, *args, processes=1):
-    launch = [sys.executable, str(SCRIPT)] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(SCRIPT)]
+    launch = (
+        [sys.executable, str(SCRIPT)]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--cpu",
+            str(SCRIPT),
+        ]
+    )
     proc = subprocess.run([*launch, "--output-dir", str(out), *SMALL, *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:

@@ -53,7 +53,10 @@ def test_dims_not_multiple_of_16_are_skipped_with_reason(caplog):
 def test_custom_filter_and_root_linear():
     model = _tiny_untied()
     convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn.endswith("mlp.w1"))
-    assert sorted(f for f, t in _linears(model).items() if t is Float8Linear) == ["layers.0.mlp.w1", "layers.1.mlp.w1"]
+    assert sorted(f for f, t in _linears(model).items() if t is Float8Linear) == [
+        "layers.0.mlp.w1",
+        "layers.1.mlp.w1",
+    ]
     root = convert_to_float8_training(nn.Linear(16, 32))
     assert type(root) is Float8Linear
     assert type(convert_back(root)) is nn.Linear

@@ -76,7 +76,9 @@ def test_bit_equal_to_torchao(recipe, dtype, emulate):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("recipe, go", [("rowwise", "e5m2"), ("rowwise_with_gw_hp", "e5m2"), ("tensorwise", "e4m3")])
+@pytest.mark.parametrize(
+    "recipe, go", [("rowwise", "e5m2"), ("rowwise_with_gw_hp", "e5m2"), ("tensorwise", "e4m3")]
+)
 def test_grad_output_dtype_override_bit_equal_to_torchao(recipe, go, dtype):
     """``grad_output_dtype`` is torchao's ``CastConfig(target_dtype=...)`` on both grad_output casts."""
     from torchao.float8 import Float8LinearConfig
@@ -91,7 +93,9 @@ def test_grad_output_dtype_override_bit_equal_to_torchao(recipe, go, dtype):
     ao = dataclasses.replace(
         ao,
         cast_config_grad_output=dataclasses.replace(ao.cast_config_grad_output, target_dtype=target),
-        cast_config_grad_output_for_grad_weight=None if go_gw is None else dataclasses.replace(go_gw, target_dtype=target),
+        cast_config_grad_output_for_grad_weight=None
+        if go_gw is None
+        else dataclasses.replace(go_gw, target_dtype=target),
     )
     ao_convert(theirs, config=ao)
     torch.manual_seed(1)
@@ -108,7 +112,8 @@ def test_grad_output_dtype_override_bit_equal_to_torchao(recipe, go, dtype):
 
 
 @pytest.mark.parametrize(
-    "recipe, dtype", [("tensorwise", torch.bfloat16), ("rowwise", torch.float32), ("rowwise_with_gw_hp", torch.bfloat16)]
+    "recipe, dtype",
+    [("tensorwise", torch.bfloat16), ("rowwise", torch.float32), ("rowwise_with_gw_hp", torch.bfloat16)],
 )
 def test_compile_fullgraph_traces_and_matches_eager(recipe, dtype):
     """fullgraph=True: dynamo + AOTAutograd trace forward and backward in one graph each, no break."""
@@ -118,18 +123,23 @@ def test_compile_fullgraph_traces_and_matches_eager(recipe, dtype):
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 64).to(dtype)
     g = torch.randn(2, 16, 32).to(dtype)
-    for a, b, name in zip(_fwd_bwd(compiled, x, g), _fwd_bwd(eager, x, g), ["out", "dx", "dw0", "db0", "dw2"]):
+    for a, b, name in zip(
+        _fwd_bwd(compiled, x, g), _fwd_bwd(eager, x, g), ["out", "dx", "dw0", "db0", "dw2"]
+    ):
         assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("recipe, dtype", [("rowwise", torch.bfloat16)])
 def test_compile_inductor_matches_eager(recipe, dtype):
-    """The Inductor-generated casts and scaled GEMM are bit-identical to eager (one recipe: compile is slow)."""
+    """The Inductor-generated casts and scaled GEMM are bit-identical to eager (one recipe: compile is
+    slow)."""
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     torch.manual_seed(3)
-    eager = Float8Linear.from_linear(nn.Linear(64, 32, bias=False).to(dtype), Float8TrainingConfig.from_recipe(recipe))
+    eager = Float8Linear.from_linear(
+        nn.Linear(64, 32, bias=False).to(dtype), Float8TrainingConfig.from_recipe(recipe)
+    )
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
     x = torch.randn(2, 16, 64).to(dtype)
     g = torch.randn(2, 16, 32).to(dtype)

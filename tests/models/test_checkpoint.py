@@ -64,8 +64,9 @@ def test_hugging_face_checkpoint_loads_through_torchtune_checkpointer(tmp_path, 
         "hidden_size": a.embed_dim, "intermediate_size": a.intermediate_dim, "num_hidden_layers": 2,
         "num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads,
         "max_position_embeddings": a.max_seq_len, "rope_theta": a.rope_base, "rms_norm_eps": a.norm_eps,
-        "tie_word_embeddings": True, "rope_scaling": {"factor": 32.0, "rope_type": "llama3", "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "rope_type": "llama3", "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "torch_dtype": "float32",
     }))
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -120,6 +121,7 @@ def test_hf_unknown_rope_type_fails_naming_it(tmp_path):
     from lowbit.models.checkpoint import hf_model_args
 
     cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+           "num_hidden_layers": 1, "num_attention_heads": 2,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
         hf_model_args(cfg)

@@ -28,12 +28,13 @@ def test_each_kind_of_corruption_names_file_and_checkpoint(ckpt):
     weights = ckpt / "weights.bin"
     good = weights.read_bytes()
     weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit, same size
-    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {ckpt} is corrupt: weights\.bin does not match "
-                                                     r"its SHA-256 in checksums\.json"):
+    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {ckpt} is corrupt: weights\.bin does not "
+                                                     r"match its SHA-256 in checksums\.json"):
         verify_manifest(ckpt)
     assert verify_manifest(ckpt, include=lambda rel: rel.startswith("tokenizer/"))  # only what is asked for
     weights.write_bytes(good[:1000])
-    with pytest.raises(CorruptCheckpointError, match=r"weights\.bin has 1000 bytes, checksums\.json recorded 16384"):
+    with pytest.raises(CorruptCheckpointError,
+                       match=r"weights\.bin has 1000 bytes, checksums\.json recorded 16384"):
         verify_manifest(ckpt)
     weights.unlink()
     with pytest.raises(CorruptCheckpointError, match=r"weights\.bin is missing"):

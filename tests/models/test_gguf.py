@@ -138,7 +138,8 @@ def test_rope_freqs_tensor_becomes_llama3_scaling(tmp_path):
     write_tiny_gguf(path, tied=True, types={}, rope_freqs=freqs)
     _, _, meta = load_checkpoint(path)
     assert meta["model_args"]["rope_scaling"] == {
-        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
     bad = tmp_path / "bad.gguf"
     write_tiny_gguf(bad, tied=True, types={}, rope_freqs=freqs[::-1].copy())
     with pytest.raises(GGUFError, match="rope_freqs"):
@@ -231,7 +232,8 @@ def test_smollm2_hf_export_loads_back_identically(smollm2, tmp_path):
     ids = torch.randint(0, 49152, (1, 32))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(out),
+                                                                dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(ref, model(ids), rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     with pytest.raises(FileExistsError, match="force"):
         export_hf("smollm2-135m", out)

@@ -9,7 +9,11 @@ from lowbit.models import build_model, init_weights, num_params
 
 
 def test_real_presets_match_torchtune_builders():
-    for name, ref in [("llama3_2_1b", llama3_2_1b), ("llama3_2_3b", llama3_2_3b), ("llama3_1_8b", llama3_1_8b)]:
+    for name, ref in [
+        ("llama3_2_1b", llama3_2_1b),
+        ("llama3_2_3b", llama3_2_3b),
+        ("llama3_1_8b", llama3_1_8b),
+    ]:
         with torch.device("meta"):
             ours, theirs = build_model(name), ref()
         assert {k: v.shape for k, v in ours.state_dict().items()} == {

@@ -1,4 +1,5 @@
-"""prepare / convert / enable_fake_quant: keys, selection, errors, meta device, tied embeddings, LoRA, compile."""
+"""prepare / convert / enable_fake_quant: keys, selection, errors, meta device, tied embeddings, LoRA,
+compile."""
 
 import copy
 import logging

@@ -143,7 +143,9 @@ def test_ste_gradient_is_upstream_times_comparison_mask(dtype, compiled):
     to bf16), so its codes, and not only its mask, can differ from eager by one step."""
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(16, 64, generator=g) * 0.02).to(dtype)
-    w[0, :4] = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=dtype)  # group amax elements: +amax clips (7.5 -> 8)
+    w[0, :4] = torch.tensor(
+        [1.0, -1.0, 0.5, -0.5], dtype=dtype
+    )  # group amax elements: +amax clips (7.5 -> 8)
     upstream = torch.randn(16, 64, generator=g).to(dtype)
     scale = A.symmetric_scale(w, *A.INT4, group_size=32)
     zp = torch.zeros_like(scale, dtype=torch.int8)
@@ -182,8 +184,12 @@ def test_bad_group_size():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 9), k=st.integers(2, 300), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    spread=st.sampled_from([1.0, 0.002, 50.0]), shift=st.sampled_from([0.0, 3.0, -3.0]), seed=st.integers(0, 2**16),
+    rows=st.integers(1, 9),
+    k=st.integers(2, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    spread=st.sampled_from([1.0, 0.002, 50.0]),
+    shift=st.sampled_from([0.0, 3.0, -3.0]),
+    seed=st.integers(0, 2**16),
 )
 def test_inference_int8_per_token_quant_dequant_equals_torchao(rows, k, dtype, spread, shift, seed):
     """The in-place inference path gives torchao's per-token activation numbers bit for bit (k >= 2:

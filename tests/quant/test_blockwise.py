@@ -63,7 +63,9 @@ def test_nearest_code_is_exact_nearest(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_kernel_cell_table_encode_equals_nearest(name):
     table, meta = B.encode_cell_table(name)
-    x = torch.cat([_probe(name, seed=1), torch.rand(20000) * 2 - 1, torch.tensor([float("nan"), float("inf")])])
+    x = torch.cat(
+        [_probe(name, seed=1), torch.rand(20000) * 2 - 1, torch.tensor([float("nan"), float("inf")])]
+    )
     want = B.nearest_code(torch.where(torch.isfinite(x), x, 0.0), name).long()
     assert torch.equal(B.encode_with_cell_table(x, table, meta), want)
 
@@ -101,10 +103,21 @@ def test_quantize_blockwise_roundtrip(name, n):
     half_gap = max(half_gap, q[q >= 0].min().item())  # zero-free map: values near 0 go to its smallest
     err = (y.double() - x.double()).abs() / torch.repeat_interleave(scale, bs)[:n].double()
     assert err.max() <= half_gap + 1e-6
-    # re-quantizing the dequantized values gives the same codes (map values are fixed points)
+    # re-quantizing the dequantized values: a block whose absmax element is positive (every block of an
+    # unsigned map) decodes that element to 1.0 * scale, so its scale comes back unchanged and so do its
+    # codes (map values are fixed points). (A negative absmax element of a signed map decodes to
+    # q.min() * scale, |q.min()| < 1: that block may get another scale.)
     c2, s2 = B.quantize_blockwise(y, name, bs)
-    if torch.equal(s2, scale):
-        assert torch.equal(c2, codes)
+    per_byte = 1 if B.codebook_bits(name) == 8 else 2
+    kept = 0
+    for b in range(nb):
+        blk = x[b * bs:(b + 1) * bs]
+        if blk[blk.abs().argmax()] > 0:
+            assert s2[b] == scale[b]
+            span = slice(b * bs // per_byte, min((b + 1) * bs, n + n % per_byte) // per_byte)
+            assert torch.equal(c2[span], codes[span])
+            kept += 1
+    assert kept >= nb // 3  # the check ran on a good share of the blocks
 
 
 def test_non_finite_values_stay_in_their_element():

@@ -47,7 +47,9 @@ def _reference_cast(x: np.ndarray, dtype) -> np.ndarray:
 @pytest.mark.parametrize("dtype", FP8)
 def test_amax_to_scale_is_float64_division_rounded_once(dtype):
     fmax = torch.finfo(dtype).max
-    amax = torch.cat([torch.rand(200) * 10.0 ** torch.randint(-8, 8, (200,)), torch.tensor([0.0, 1e-30, 3.0e38])])
+    amax = torch.cat(
+        [torch.rand(200) * 10.0 ** torch.randint(-8, 8, (200,)), torch.tensor([0.0, 1e-30, 3.0e38])]
+    )
     got = amax_to_scale(amax, dtype)
     assert got.dtype == torch.float32
     want = np.array([np.float32(fmax / max(float(a), 1e-12)) for a in amax.tolist()], dtype=np.float32)

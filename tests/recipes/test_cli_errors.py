@@ -24,8 +24,8 @@ def lowbit(argv, monkeypatch, capsys):
 
 
 def test_bad_value_exits_2_naming_the_key_and_writes_nothing(tmp_path, small_run, monkeypatch, capsys):
-    status, last = lowbit(["run", "finetune_recipe", "--config", "tiny_pretrain", *small_run, "max_steps=2.5"],
-                          monkeypatch, capsys)
+    status, last = lowbit(["run", "finetune_recipe", "--config", "tiny_pretrain", *small_run,
+                           "max_steps=2.5"], monkeypatch, capsys)
     assert status == 2
     assert last == ("lowbit: error: config key 'max_steps' in the command-line override 'max_steps=2.5': "
                     "expected an int >= 1, got 2.5 (float)")

@@ -13,7 +13,9 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path):
 
 
 def test_unknown_nested_key_in_override_names_the_override():
-    with pytest.raises(ConfigError, match=r"unknown config key 'data.seqlen' in the command-line override 'data.seqlen=4'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data.seqlen' in the command-line override 'data.seqlen=4'"
+    ):
         FinetuneRecipe(load_config("tiny_pretrain", ["data.seqlen=4"]))
 
 

@@ -34,14 +34,15 @@ def test_truncated_weights_are_named_by_eval_and_skipped_by_resume(two_checkpoin
     run, args = two_checkpoints
     newest = run / "checkpoints" / "step_000004"
     truncate(newest / "model.safetensors")
-    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {newest} is corrupt: model\.safetensors has "
-                                                     r"100 bytes, checksums\.json recorded \d+"):
+    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {newest} is corrupt: model\.safetensors "
+                                                     r"has 100 bytes, checksums\.json recorded \d+"):
         load_checkpoint(run)
     from lowbit.cli import main  # `lowbit eval --checkpoint RUN`: one line, status 1
 
     assert main(["eval", "--checkpoint", str(run)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"lowbit eval: error: checkpoint {newest} is corrupt: model.safetensors has 100 bytes")
+    assert last.startswith(f"lowbit eval: error: checkpoint {newest} is corrupt: "
+                           "model.safetensors has 100 bytes")
 
     with caplog.at_level(logging.WARNING, logger="lowbit"):
         done = run_recipe("finetune_recipe", "tiny_pretrain", [*args, "resume=true", "max_steps=6"])
@@ -49,7 +50,8 @@ def test_truncated_weights_are_named_by_eval_and_skipped_by_resume(two_checkpoin
     assert "skipping step_000004" in warned and "model.safetensors has 100 bytes" in warned
     assert "continuing from the newest intact checkpoint" in warned and "step_000002" in warned
     assert done.step == 6 and len(done.losses) == 6
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert ([json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+            == [1, 2, 3, 4, 5, 6])
     assert (run / "checkpoints" / "corrupt-step_000004").is_dir()  # kept for inspection, out of the way
     assert [c.name for c in list_checkpoints(run)] == ["step_000004", "step_000006"]
     assert load_checkpoint(run)[2]["step"] == 6

@@ -183,7 +183,8 @@ def test_global_batch_not_divisible_by_ranks_says_so(tmp_path):
     proc = run_two_ranks("lowbit", "finetune_recipe", "tiny_pretrain",
                          [*RUN, "batch_size=3", f"output_dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode != 0
-    assert "'batch_size' (3, the global batch) must be divisible by the number of processes (2)" in proc.stderr
+    assert ("'batch_size' (3, the global batch) must be divisible by the number of processes (2)"
+            in proc.stderr)
 
 
 def test_float8_all_gather_and_scale_precompute_from_the_recipe(tmp_path, one_thread):
@@ -205,7 +206,8 @@ def test_float8_all_gather_and_scale_precompute_from_the_recipe(tmp_path, one_th
         "    log = os.path.join(os.environ['F8_LOG'], 'rank' + os.environ['RANK'])\n"
         "    import lowbit.float8.converter as c\n"
         "    import lowbit.float8.fsdp as f\n"
-        "    real_pre, real_hook = f.Float8AllGatherWeight.fsdp_pre_all_gather, c.precompute_float8_scales_for_fsdp\n"
+        "    real_pre, real_hook = (f.Float8AllGatherWeight.fsdp_pre_all_gather,\n"
+        "                           c.precompute_float8_scales_for_fsdp)\n"
         "    def pre(self, mesh, outer_size, outer_stride, module, mp_policy):\n"
         "        fresh = self._precomputed is not None and self._precomputed[1] == self._tensor._version\n"
         "        out = real_pre(self, mesh, outer_size, outer_stride, module, mp_policy)\n"
@@ -223,7 +225,8 @@ def test_float8_all_gather_and_scale_precompute_from_the_recipe(tmp_path, one_th
            "F8_LOG": str(tmp_path)}
     run_two_ranks("lowbit", "finetune_recipe", "tiny_pretrain",
                   [*args, *f8, "float8.enable_fsdp_float8_all_gather=true",
-                   "float8.precompute_float8_scales_for_fsdp=true", f"output_dir={tmp_path / 'two'}"], env=env)
+                   "float8.precompute_float8_scales_for_fsdp=true", f"output_dir={tmp_path / 'two'}"],
+                  env=env)
     assert losses(tmp_path / "two") == one.losses
     for rank in range(2):
         events = (tmp_path / f"rank{rank}").read_text().splitlines()

@@ -46,9 +46,10 @@ def test_ctrl_c_during_a_write_finishes_it_then_stops(tmp_path, small_run, monke
         run_recipe("finetune_recipe", "tiny_pretrain", args)
     run = tmp_path / "run"
     assert len(sent) == 1
-    assert str(e.value) == (f"interrupted at step 4; last complete checkpoint: {run / 'checkpoints' / 'step_000004'} "
-                            "(continue with resume=true)")
-    assert [c.name for c in list_checkpoints(run)] == ["step_000002", "step_000004"] and no_temporary_dirs(run)
+    assert str(e.value) == ("interrupted at step 4; last complete checkpoint: "
+                            f"{run / 'checkpoints' / 'step_000004'} (continue with resume=true)")
+    assert [c.name for c in list_checkpoints(run)] == ["step_000002", "step_000004"]
+    assert no_temporary_dirs(run)
     verify_checkpoint(list_checkpoints(run)[-1], training_state=True)  # complete, checksums match
     monkeypatch.undo()
     done = run_recipe("finetune_recipe", "tiny_pretrain", [*args, "resume=true"])
@@ -58,7 +59,8 @@ def test_ctrl_c_during_a_write_finishes_it_then_stops(tmp_path, small_run, monke
 def test_second_ctrl_c_abandons_the_write(tmp_path, small_run, monkeypatch):
     args = [*small_run, "max_steps=6", "checkpoint_every=2"]
     sigint_while_writing(monkeypatch, "step_000004", presses=2)
-    with pytest.raises(KeyboardInterrupt, match=r"interrupted at step 4; last complete checkpoint: .*step_000002 "):
+    with pytest.raises(KeyboardInterrupt,
+                       match=r"interrupted at step 4; last complete checkpoint: .*step_000002 "):
         run_recipe("finetune_recipe", "tiny_pretrain", args)
     run = tmp_path / "run"
     assert [c.name for c in list_checkpoints(run)] == ["step_000002"] and no_temporary_dirs(run)
@@ -87,7 +89,8 @@ def test_command_line_exits_130_with_the_message_as_last_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config",
-                           "tiny_pretrain", *SMALL_RUN, "max_steps=4", "checkpoint_every=2", f"output_dir={out}"],
+                           "tiny_pretrain", *SMALL_RUN, "max_steps=4", "checkpoint_every=2",
+                           f"output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -120,7 +123,8 @@ def test_kill_9_during_a_write_then_resume_reproduces_the_uninterrupted_losses(t
     )
     args = [*small_run, "max_steps=6", "checkpoint_every=2"]
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config",
                            "tiny_pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -128,7 +132,8 @@ def test_kill_9_during_a_write_then_resume_reproduces_the_uninterrupted_losses(t
     assert (out / "checkpoints" / ".tmp-step_000004").exists()  # what the killed write left behind
 
     resumed = run_recipe("finetune_recipe", "tiny_pretrain", [*args, "resume=true"])
-    full = run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=6", f"output_dir={tmp_path / 'full'}"])
+    full = run_recipe("finetune_recipe", "tiny_pretrain",
+                      [*small_run, "max_steps=6", f"output_dir={tmp_path / 'full'}"])
     assert resumed.step == 6 and no_temporary_dirs(out)
     logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(full.losses, abs=1e-6) and len(logged) == 6

@@ -32,11 +32,13 @@ def test_a_second_run_in_the_same_output_dir_never_mixes_with_the_first(tmp_path
     msg = str(e.value)
     assert f"output_dir {run} already holds a run" in msg and "step_000006" in msg and "6 logged steps" in msg
     assert "resume=true" in msg and "overwrite=true" in msg
-    assert names(run) == ["step_000002", "step_000004", "step_000006"] and steps_logged(run) == [1, 2, 3, 4, 5, 6]
+    assert names(run) == ["step_000002", "step_000004", "step_000006"]
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
 
     # 2. resume=true with another learning rate: refused, naming the key and both values
-    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in optimizer\.lr \(checkpoint 0\.003, "
-                                          r"this run 1e-05\)\. Only \[.*'max_steps'.*\] may change on resume"):
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in optimizer\.lr "
+                                          r"\(checkpoint 0\.003, this run 1e-05\)\. "
+                                          r"Only \[.*'max_steps'.*\] may change on resume"):
         run_recipe("finetune_recipe", "tiny_pretrain", [*second, "resume=true"])
 
     # 3. overwrite=true: the new run alone in the directory
@@ -63,4 +65,5 @@ def test_a_second_run_in_the_same_output_dir_never_mixes_with_the_first(tmp_path
 
 def test_resume_and_overwrite_together_is_refused(small_run):
     with pytest.raises(ConfigError, match="resume=true and overwrite=true contradict each other"):
-        run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=1", "resume=true", "overwrite=true"])
+        run_recipe("finetune_recipe", "tiny_pretrain",
+                   [*small_run, "max_steps=1", "resume=true", "overwrite=true"])

@@ -23,11 +23,13 @@ OVERRIDE = "in the command-line override '{}': expected {}, got {}"
      "'tensorwize' (str)"),
     ("data.num_activities=500", "an int in [1, 320] or null", "500 (int)"),
     ("resume=maybe", "a bool (true / false)", "'maybe' (str)"),
-    ("optimizer=null", "a mapping with a _component_ key (the other keys are its arguments)", "None (NoneType)"),
+    ("optimizer=null", "a mapping with a _component_ key (the other keys are its arguments)",
+     "None (NoneType)"),
     ("data=5", "a mapping", "5 (int)"),
     ("float8=true", "a mapping or null", "True (bool)"),
 ])
-def test_bad_value_names_key_value_range_and_override_before_writing(override, expected, got, tmp_path, small_run):
+def test_bad_value_names_key_value_range_and_override_before_writing(override, expected, got, tmp_path,
+                                                                     small_run):
     key = override.split("=")[0]
     message = f"config key '{key}' " + OVERRIDE.format(override, expected, got)
     with pytest.raises(ConfigError) as e:
@@ -45,7 +47,8 @@ def test_bad_value_in_a_file_names_the_file(tmp_path):
 
 
 def test_required_key_and_missing_path_are_named(tmp_path, small_run):
-    with pytest.raises(ConfigError, match=r"config key 'max_steps' is required: set it in .*tiny_pretrain\.yaml"):
+    with pytest.raises(ConfigError,
+                       match=r"config key 'max_steps' is required: set it in .*tiny_pretrain\.yaml"):
         FinetuneRecipe(load_config("tiny_pretrain", ["~max_steps"]))
     with pytest.raises(ConfigError, match=r"config key 'qat.scheme' is required"):
         QATRecipe(load_config("tiny_qat", ["~qat.scheme"]))

@@ -15,7 +15,9 @@ def losses(run_dir):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, small_run):
-    full = run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=8", f"output_dir={tmp_path / 'a'}"])
+    full = run_recipe(
+        "finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=8", f"output_dir={tmp_path / 'a'}"]
+    )
     part = [*small_run, "max_steps=8", "checkpoint_every=4", f"output_dir={tmp_path / 'b'}"]
 
     class StopAtSix(FinetuneRecipe):
@@ -61,7 +63,9 @@ def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, s
 
 def test_training_on_user_jsonl_data_and_finetuning_from_checkpoint(tmp_path, small_run):
     data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps({"text": f"record {i}: the quick brown fox {i % 7}"}) + "\n" for i in range(300)))
+    data.write_text(
+        "".join(json.dumps({"text": f"record {i}: the quick brown fox {i % 7}"}) + "\n" for i in range(300))
+    )
     base = run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=3", f"data.source={data}"])
     assert base.losses[-1] < base.losses[0]
     ft = run_recipe("finetune_recipe", "tiny_pretrain", [
@@ -106,9 +110,17 @@ def test_float8_fsdp_keys_are_checked(small_run):
     """The float8 all-gather keys are recipe keys; precomputing scales without the all-gather says why."""
     from lowbit.recipes.config import ConfigError
 
-    base = [*small_run, "max_steps=1", "checkpoint_every=0", "float8.recipe=tensorwise", "float8.emulate=true"]
+    base = [
+        *small_run,
+        "max_steps=1",
+        "checkpoint_every=0",
+        "float8.recipe=tensorwise",
+        "float8.emulate=true",
+    ]
     with pytest.raises(ConfigError, match="precompute_float8_scales_for_fsdp.*enable_fsdp_float8_all_gather"):
-        run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.precompute_float8_scales_for_fsdp=true"])
+        run_recipe(
+            "finetune_recipe", "tiny_pretrain", [*base, "float8.precompute_float8_scales_for_fsdp=true"]
+        )
     with pytest.raises(ConfigError, match="enable_fsdp_float8_all_gather.*tensorwise"):
         run_recipe("finetune_recipe", "tiny_pretrain", [*base, "float8.recipe=rowwise",
                                                          "float8.enable_fsdp_float8_all_gather=true"])
