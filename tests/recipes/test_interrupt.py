@@ -35,6 +35,19 @@ def sigint_while_writing(monkeypatch, checkpoint: str, presses: int = 1) -> list
     return sent
 
 
+@pytest.fixture(autouse=True)
+def terminal_sigint():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even if this process was started with SIGINT
+    ignored (a background job of a shell without job control)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _child_sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def no_temporary_dirs(run: Path) -> bool:
     return not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -67,6 +80,15 @@ def test_second_ctrl_c_abandons_the_write(tmp_path, small_run, monkeypatch):
     assert load_checkpoint(run)[2]["step"] == 2
 
 
+def test_an_ignored_sigint_stays_ignored(tmp_path, small_run, monkeypatch):
+    """Started with SIGINT ignored (``nohup``, a background job): a stray SIGINT does not stop the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sent = sigint_while_writing(monkeypatch, "step_000002")
+    done = run_recipe("finetune_recipe", "tiny_pretrain", [*small_run, "max_steps=2"])
+    assert len(sent) == 1 and done.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_command_line_exits_130_with_the_message_as_last_line(tmp_path):
     """A real `lowbit run` process: Ctrl-C during the step-2 write, status 130, the cause on the last line."""
     hook = tmp_path / "hook"
@@ -91,7 +113,8 @@ def test_command_line_exits_130_with_the_message_as_last_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config",
                            "tiny_pretrain", *SMALL_RUN, "max_steps=4", "checkpoint_every=2",
                            f"output_dir={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          preexec_fn=_child_sigint_default)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"lowbit: interrupted at step 2; last complete checkpoint: {out / 'checkpoints' / 'step_000002'} "
@@ -126,7 +149,8 @@ def test_kill_9_during_a_write_then_resume_reproduces_the_uninterrupted_losses(t
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "run", "finetune_recipe", "--config",
-                           "tiny_pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+                           "tiny_pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          preexec_fn=_child_sigint_default)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert [c.name for c in list_checkpoints(out)] == ["step_000002"]
     assert (out / "checkpoints" / ".tmp-step_000004").exists()  # what the killed write left behind
