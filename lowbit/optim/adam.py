@@ -46,7 +46,8 @@ class _AdamLowBit(torch.optim.Optimizer):
         bf16_stochastic_round: bf16 parameters: round the fp32 update stochastically.
         v_norm: 4-bit only: ``"rank1"`` scales each element of a 2-D parameter's second moment by
             min(its row's max, its column's max) (Li et al. 2023) instead of its block's absmax; other
-            parameters keep blockwise state (a warning names them). Default ``"blockwise"``.
+            parameters keep blockwise state (a warning names them). Default ``"blockwise"``. The rank-1 C++
+            step is scalar (about 9x the blockwise AVX2 step on CPU); the Triton one makes two passes.
 
     The step runs as the fused C++ kernel on CPU, one Triton kernel per bucket on CUDA, or the pure-torch
     step, all with the same bits (``lowbit.optim.backend``). State formats: ``lowbit.optim.formats``.
