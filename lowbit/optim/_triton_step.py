@@ -49,19 +49,24 @@ _PKIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Plain functions: ``kernel()`` wraps them as Triton functions (compiled or interpreted).
 
 
-def _ptr(addr, dtype: tl.constexpr):
-    return addr.to(tl.pointer_type(dtype), bitcast=True)
+def _ptr(addr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address ``addr`` (int64) as a pointer; ``ALIGNED``: it is a multiple of 16 bytes (the host checked),
+    so contiguous loads and stores can be 16-byte vectors."""
+    ptr = addr.to(tl.pointer_type(dtype), bitcast=True)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
-def _load_float(addr, e, mask, PKIND: tl.constexpr):
+def _load_float(addr, e, mask, PKIND: tl.constexpr, ALIGNED: tl.constexpr):
     """Elements ``e`` of the fp32 / bf16 / fp16 tensor at ``addr`` as fp32 (exact)."""
     if PKIND == 1:
-        u = tl.load(_ptr(addr, tl.uint16) + e, mask=mask, other=0)
+        u = tl.load(_ptr(addr, tl.uint16, ALIGNED) + e, mask=mask, other=0)
         return (u.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif PKIND == 2:
-        return tl.load(_ptr(addr, tl.float16) + e, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(_ptr(addr, tl.float16, ALIGNED) + e, mask=mask, other=0.0).to(tl.float32)
     else:
-        return tl.load(_ptr(addr, tl.float32) + e, mask=mask, other=0.0)
+        return tl.load(_ptr(addr, tl.float32, ALIGNED) + e, mask=mask, other=0.0)
 
 
 def _rand16(index, seed):
@@ -75,7 +80,8 @@ def _rand16(index, seed):
     return z >> 16
 
 
-def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr):
+def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr,
+                 ALIGNED: tl.constexpr):
     """Store fp32 ``x``: as is, rounded to fp16 (nearest even), or to bf16 (nearest even / stochastic)."""
     if PKIND == 1:
         b = x.to(tl.uint32, bitcast=True)
@@ -84,11 +90,11 @@ def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr):
         else:
             r = 0x7FFF + ((b >> 16) & 1)
         out = tl.where(x != x, 0x7FC0, (b + r) >> 16)
-        tl.store(_ptr(addr, tl.uint16) + e, out.to(tl.uint16), mask=mask)
+        tl.store(_ptr(addr, tl.uint16, ALIGNED) + e, out.to(tl.uint16), mask=mask)
     elif PKIND == 2:
-        tl.store(_ptr(addr, tl.float16) + e, x.to(tl.float16), mask=mask)
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + e, x.to(tl.float16), mask=mask)
     else:
-        tl.store(_ptr(addr, tl.float32) + e, x, mask=mask)
+        tl.store(_ptr(addr, tl.float32, ALIGNED) + e, x, mask=mask)
 
 
 def _decode_fp8(c):
@@ -134,37 +140,38 @@ def _nearest_code(y, t_ptr):
     return (entry >> 23).to(tl.int32) - (off < (entry & 0x7FFFFF)).to(tl.int32)
 
 
-def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr):
+def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr, ALIGNED: tl.constexpr):
     """Moment values ``code value * block scale`` of elements ``e``."""
     if MODE == 3:
-        c = tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0)
+        c = tl.load(_ptr(addr, tl.uint8, ALIGNED) + e, mask=mask, other=0)
         q = _decode_fp8(c)
     elif MODE == 2:
-        byte = tl.load(_ptr(addr, tl.uint8) + (e >> 1), mask=mask, other=0).to(tl.int32)
+        byte = tl.load(_ptr(addr, tl.uint8, ALIGNED) + (e >> 1), mask=mask, other=0).to(tl.int32)
         q = tl.load(qmap_ptr + ((byte >> ((e & 1) * 4).to(tl.int32)) & 15))
     else:
-        q = tl.load(qmap_ptr + tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0).to(tl.int32))
+        q = tl.load(qmap_ptr + tl.load(_ptr(addr, tl.uint8, ALIGNED) + e, mask=mask, other=0).to(tl.int32))
     return q * scale
 
 
-def _store_codes4(code, blk, bs, n, codes_addr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _store_codes4(code, blk, bs, n, codes_addr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     """Store 4-bit codes ([ROWS, BLOCK], 0 where invalid) two per byte, element 2i in the low nibble."""
     lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
     k = tl.arange(0, BLOCK // 2)[None, :]
     first = blk[:, None] * bs + 2 * k  # the even element of each byte
-    tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
+    tl.store(_ptr(codes_addr, tl.uint8, ALIGNED) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
              mask=(2 * k < bs) & (first < n))
 
 
 def _rank1_scale(row_addr, col_addr, i, jj, valid):
     """min(row[i], col[jj]) of a rank-1 normalized second moment (1 where not ``valid``)."""
-    r = tl.load(_ptr(row_addr, tl.float32) + i, mask=valid, other=1.0)
-    c = tl.load(_ptr(col_addr, tl.float32) + jj, mask=valid, other=1.0)
+    r = tl.load(_ptr(row_addr, tl.float32, False) + i, mask=valid, other=1.0)
+    c = tl.load(_ptr(col_addr, tl.float32, False) + jj, mask=valid, other=1.0)
     return tl.minimum(r, c)
 
 
 def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Blockwise-quantize ``x`` ([ROWS, BLOCK], one block per row) and store codes and scales.
 
     Non-finite elements are stored as the code of 0 and stay out of the block's absmax."""
@@ -174,18 +181,19 @@ def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE
         scale = tl.div_rn(scale, tl.full(scale.shape, 448.0, tl.float32))
     inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     y = x * inv[:, None]
-    tl.store(_ptr(scale_addr, tl.float32) + blk, scale, mask=blk * bs < n)
+    tl.store(_ptr(scale_addr, tl.float32, ALIGNED) + blk, scale, mask=blk * bs < n)
     if MODE == 3:
-        tl.store(_ptr(codes_addr, tl.uint8) + e, _encode_fp8(y), mask=valid)
+        tl.store(_ptr(codes_addr, tl.uint8, ALIGNED) + e, _encode_fp8(y), mask=valid)
     elif MODE == 2:
-        _store_codes4(tl.where(valid, _nearest_code(y, t_ptr), 0), blk, bs, n, codes_addr, ROWS, BLOCK)
+        code = tl.where(valid, _nearest_code(y, t_ptr), 0)
+        _store_codes4(code, blk, bs, n, codes_addr, ROWS, BLOCK, ALIGNED)
     else:
-        tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
+        tl.store(_ptr(codes_addr, tl.uint8, ALIGNED) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
 
 
 def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_ptr, tv_ptr, bs,
                  MODE: tl.constexpr, PKIND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, SR: tl.constexpr):
+                 MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr):
     # which parameter, which blocks
     pid = tl.program_id(0)
     j = tl.load(prog_ptr + 2 * pid)
@@ -195,6 +203,8 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     m_addr = tl.load(row + 1)
     v_addr = tl.load(row + 2)
     n = tl.load(row + 5)
+    if ALIGNED:  # (and every size a multiple of 16: masks are constant over 16-element vectors)
+        n = tl.multiple_of(n, 16)
     g_addr = tl.load(step_ptr + STEP_COLS * j)
     seed = tl.load(step_ptr + STEP_COLS * j + 1).to(tl.uint32)
     h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
@@ -211,25 +221,26 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     col = tl.arange(0, BLOCK)[None, :]
     e = blk[:, None] * bs + col
     valid = (col < bs) & (e < n)
-    p = _load_float(p_addr, e, valid, PKIND)
-    g = _load_float(g_addr, e, valid, PKIND)
+    p = _load_float(p_addr, e, valid, PKIND, ALIGNED)
+    g = _load_float(g_addr, e, valid, PKIND, ALIGNED)
     if MODE == 0:
-        m = tl.load(_ptr(m_addr, tl.float32) + e, mask=valid, other=0.0)
-        v = tl.load(_ptr(v_addr, tl.float32) + e, mask=valid, other=0.0)
+        m = tl.load(_ptr(m_addr, tl.float32, ALIGNED) + e, mask=valid, other=0.0)
+        v = tl.load(_ptr(v_addr, tl.float32, ALIGNED) + e, mask=valid, other=0.0)
     else:
         rows_valid = blk * bs < n
-        sm = tl.load(_ptr(tl.load(row + 3), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+        sm = tl.load(_ptr(tl.load(row + 3), tl.float32, ALIGNED) + blk, mask=rows_valid, other=0.0)[:, None]
         if MODE == 4:  # rank-1 v: element (i, jj) scaled by min(row[i], col[jj]); static column 4 holds cols
-            m = _decode(m_addr, sm, e, valid, qm_ptr, 2)
+            m = _decode(m_addr, sm, e, valid, qm_ptr, 2, ALIGNED)
             cols = tl.load(row + 4)
             i = e // cols
             jj = e % cols
             r1 = step_ptr + STEP_COLS * j + RANK1_COL
-            v = _decode(v_addr, _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
+            sv = _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid)
+            v = _decode(v_addr, sv, e, valid, qv_ptr, 2, ALIGNED)
         else:
-            sv = tl.load(_ptr(tl.load(row + 4), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
-            m = _decode(m_addr, sm, e, valid, qm_ptr, MODE)
-            v = _decode(v_addr, sv, e, valid, qv_ptr, MODE)
+            sv = tl.load(_ptr(tl.load(row + 4), tl.float32, ALIGNED) + blk, mask=rows_valid, other=0.0)[:, None]
+            m = _decode(m_addr, sm, e, valid, qm_ptr, MODE, ALIGNED)
+            v = _decode(v_addr, sv, e, valid, qv_ptr, MODE, ALIGNED)
         if MODE == 3:  # stored: sqrt(v)
             v = v * v
 
@@ -244,28 +255,33 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     r = tl.sqrt_rn(v)
     u = tl.where(v == 0.0, 0.0, tl.div_rn(m, r * inv_bc2_sqrt + eps))  # no step where v == 0
     p = p - step_size * u
-    _store_param(p_addr, e, valid, p, seed, PKIND, SR)
+    _store_param(p_addr, e, valid, p, seed, PKIND, SR, ALIGNED)
 
     if MODE == 0:
-        tl.store(_ptr(m_addr, tl.float32) + e, m, mask=valid)
-        tl.store(_ptr(v_addr, tl.float32) + e, v, mask=valid)
+        tl.store(_ptr(m_addr, tl.float32, ALIGNED) + e, m, mask=valid)
+        tl.store(_ptr(v_addr, tl.float32, ALIGNED) + e, v, mask=valid)
     elif MODE == 4:
-        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, 2, ROWS, BLOCK)
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, 2, ROWS, BLOCK,
+                        ALIGNED)
         # v with the new row / column scales (the maxima of the new v, from _rank1_max_kernel)
         r1 = step_ptr + STEP_COLS * j + RANK1_COL
         s_new = _rank1_scale(tl.load(r1 + 2), tl.load(r1 + 3), i, jj, valid)
         y = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, v, 0.0) * tl.div_rn(
             tl.full(s_new.shape, 1.0, tl.float32), s_new)
-        _store_codes4(tl.where(valid, _nearest_code(y, tv_ptr), 0), blk, bs, n, v_addr, ROWS, BLOCK)
+        code = tl.where(valid, _nearest_code(y, tv_ptr), 0)
+        _store_codes4(code, blk, bs, n, v_addr, ROWS, BLOCK, ALIGNED)
     else:
         if MODE == 3:
             v = r
-        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, MODE, ROWS, BLOCK)
-        _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK)
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, MODE, ROWS, BLOCK,
+                        ALIGNED)
+        _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK,
+                        ALIGNED)
 
 
 def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKIND: tl.constexpr,
-                      BLOCK: tl.constexpr, ROWS: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr):
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
+                      ALIGNED: tl.constexpr):
     """Pass 1 of a rank-1 bucket: the new second moment of every element (as _adam_kernel computes it),
     its finite |v| max-ed into the new row and column scales (which start at 1e-30)."""
     pid = tl.program_id(0)
@@ -273,6 +289,8 @@ def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKI
     blk = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, ROWS)
     row = static_ptr + STATIC_COLS * j
     n = tl.load(row + 5)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
     cols = tl.load(row + 4)
     h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
     col = tl.arange(0, BLOCK)[None, :]
@@ -281,16 +299,17 @@ def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKI
     i = e // cols
     jj = e % cols
     r1 = step_ptr + STEP_COLS * j + RANK1_COL
-    v = _decode(tl.load(row + 2), _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
-    g = _load_float(tl.load(step_ptr + STEP_COLS * j), e, valid, PKIND)
+    sv = _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid)
+    v = _decode(tl.load(row + 2), sv, e, valid, qv_ptr, 2, ALIGNED)
+    g = _load_float(tl.load(step_ptr + STEP_COLS * j), e, valid, PKIND, ALIGNED)
     if MAXIMIZE:
         g = -g
     if COUPLED:
-        g = g + tl.load(h + 8) * _load_float(tl.load(row), e, valid, PKIND)
+        g = g + tl.load(h + 8) * _load_float(tl.load(row), e, valid, PKIND, ALIGNED)
     v = tl.load(h + 2) * v + tl.load(h + 3) * (g * g)
     a = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, tl.abs(v), 0.0)
-    tl.atomic_max(_ptr(tl.load(r1 + 2), tl.float32) + i, a, mask=valid)
-    tl.atomic_max(_ptr(tl.load(r1 + 3), tl.float32) + jj, a, mask=valid)
+    tl.atomic_max(_ptr(tl.load(r1 + 2), tl.float32, False) + i, a, mask=valid)
+    tl.atomic_max(_ptr(tl.load(r1 + 3), tl.float32, False) + jj, a, mask=valid)
 
 
 _DEVICE_FUNCS = ("_max", "_ptr", "_load_float", "_rand16", "_store_param", "_decode_fp8", "_encode_fp8", "_nearest_code",
@@ -413,6 +432,10 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
             [(states[i]["exp_avg_sq_row"].data_ptr(), states[i]["exp_avg_sq_col"].data_ptr(), nr.data_ptr(),
               nc.data_ptr()) for i, (nr, nc) in zip(live, new_rc)], dtype=torch.int64)
     step_t = _to_device(per_step, device)
+    # every tensor the kernel streams starts on a 16-byte boundary (always, unless a parameter is a view at an
+    # odd offset) and has a multiple of 16 elements: then its loads and stores can be 16-byte vectors
+    streamed = [a for entry in static for a in entry[:4 if rank1 else 5]] + per_step[:, 0].tolist()
+    aligned = all(a % 16 == 0 for a in streamed) and all(entry[5] % 16 == 0 for entry in static)
 
     interpret = device.type != "cuda"
     grid = (progs.shape[0],)
@@ -422,10 +445,10 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
             kernel(interpret, "_rank1_max_kernel")[grid](
                 table, step_t, step_t.view(torch.float32), progs, _book("q", books[1], device), bs,
                 PKIND=pkind, BLOCK=block, ROWS=rows, MAXIMIZE=bool(maximize), COUPLED=bool(coupled),
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
         _launch(kernel(interpret)[grid], table, step_t, progs, books, device, bs, mode, params[0].dtype, block, rows,
-                maximize, coupled, stochastic)
+                maximize, coupled, stochastic, aligned)
     if rank1:  # the new scales become the state (views of the bucket's buffer: no copy)
         for i, (nr, nc) in zip(live, new_rc):
             states[i]["exp_avg_sq_row"] = nr
@@ -439,12 +462,12 @@ def _quiet_numpy():
 
 
 def _launch(launcher, table, step_t, progs, books, device, bs, mode, dtype, block, rows, maximize, coupled,
-            stochastic):
+            stochastic, aligned):
     launcher(
         table, step_t, step_t.view(torch.float32), progs,
         _book("q", books[0], device), _book("q", books[1], device),
         _book("t", books[0], device), _book("t", books[1], device), bs,
         MODE=mode, PKIND=_PKIND[dtype], BLOCK=block, ROWS=rows,
         MAXIMIZE=bool(maximize), COUPLED=bool(coupled), SR=bool(stochastic and dtype == torch.bfloat16),
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

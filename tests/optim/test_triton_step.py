@@ -154,16 +154,19 @@ def test_compiled_kernel_has_exact_fp32_ops():
         k = _triton_step.kernel(interpret=False)
         sig = {n: "*i64" for n in ("static_ptr", "step_ptr", "prog_ptr")}
         sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32")
+        sig_names = list(k.arg_names) if hasattr(k, "arg_names") else list(sig)
+        sig = {n: sig[n] for n in sig_names if n in sig}
         ptx = {}
         for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False), (4, 1, True)]:
             block = 128 if mode in (2, 4) else 256
             const = dict(MODE=mode, PKIND=pkind, BLOCK=block, ROWS=_triton_step.ELEMS // block, MAXIMIZE=True,
-                         COUPLED=True, SR=sr)
-            src = ASTSource(fn=k, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
+                         COUPLED=True, SR=sr, ALIGNED=True)
+            src = ASTSource(fn=k, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const,
+                            attrs={(sig_names.index("bs"),): [["tt.divisibility", 16]]})  # as a launch does
             ptx[mode] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                        options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
         r1 = _triton_step.kernel(interpret=False, name="_rank1_max_kernel")
-        const = dict(PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True)
+        const = dict(PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True, ALIGNED=True)
         sig1 = {**{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
                 **dict.fromkeys(const, "constexpr")}
         ptx["rank1 pass 1"] = triton.compile(ASTSource(fn=r1, signature=sig1, constexprs=const),
@@ -178,6 +181,8 @@ def test_compiled_kernel_has_exact_fp32_ops():
         assert not any(o.startswith("rcp") for o in fp), fp
         if mode != "rank1 pass 1":
             assert "div.rn.f32" in fp and "sqrt.rn.f32" in fp, fp
+            # aligned tensors: parameters, gradients and codes move as 16-byte vectors
+            assert any(o.startswith(("ld.global.v4", "ld.global.v2")) for o in ops), (mode, sorted(ops))
 
 
 def test_bad_backend_name(monkeypatch):
