@@ -6,7 +6,9 @@ set of tensors and cached on the device) and a per-step table (gradient addresse
 seeds, the nine fp32 hyper-parameters of each parameter) copied to the device without a host sync. Every
 program updates ``ROWS`` whole quantization blocks of one parameter: decode, the fp32 Adam update, the
 new per-block absmax, encode. Learning rate, step and shapes are data, not compile-time constants, so
-they never recompile the kernel.
+they never recompile the kernel; the compile-time constants are the format, the dtype, the options
+(maximize, coupled weight decay, stochastic rounding) and whether every tensor of the bucket is 16-byte
+aligned with a multiple of 16 elements (then loads and stores are 16-byte vectors).
 
 Numerics are those of the reference step (``lowbit.optim._torch_step``, tests/optim/reference.py), op by
 op: fp32 multiplies and adds launched with ``enable_fp_fusion=False`` (no FMA contraction), correctly
