@@ -52,8 +52,10 @@ def _train(model, opt, steps, seed):
         opt.step()
 
 
-@pytest.mark.parametrize("cls,first,second", [(lo.AdamW8bit, "triton", "cpp"), (lo.AdamW4bit, "cpp", "triton"),
-                                              (lo.AdamWFp8, "torch", "triton")])
+@pytest.mark.parametrize(
+    "cls,first,second",
+    [(lo.AdamW8bit, "triton", "cpp"), (lo.AdamW4bit, "cpp", "triton"), (lo.AdamWFp8, "torch", "triton")],
+)
 def test_state_dict_resumes_on_another_backend(cls, first, second, monkeypatch):
     if "cpp" in (first, second) and _cpu_kernel.get() is None:
         pytest.skip("CPU kernel unavailable")
@@ -154,25 +156,46 @@ def test_compiled_kernel_has_exact_fp32_ops():
     try:
         k = _triton_step.kernel(interpret=False)
         sig = {n: "*i64" for n in ("static_ptr", "step_ptr", "prog_ptr")}
-        sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32")
+        sig.update(
+            {n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32"
+        )
         sig_names = list(k.arg_names) if hasattr(k, "arg_names") else list(sig)
         sig = {n: sig[n] for n in sig_names if n in sig}
         ptx = {}
         for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False), (4, 1, True)]:
             block = 128 if mode in (2, 4) else 256
-            const = dict(MODE=mode, PKIND=pkind, BLOCK=block, ROWS=_triton_step.ELEMS // block, MAXIMIZE=True,
-                         COUPLED=True, SR=sr, ALIGNED=True)
-            src = ASTSource(fn=k, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const,
-                            attrs={(sig_names.index("bs"),): [["tt.divisibility", 16]]})  # as a launch does
-            ptx[mode] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                       options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
+            const = dict(
+                MODE=mode,
+                PKIND=pkind,
+                BLOCK=block,
+                ROWS=_triton_step.ELEMS // block,
+                MAXIMIZE=True,
+                COUPLED=True,
+                SR=sr,
+                ALIGNED=True,
+            )
+            src = ASTSource(
+                fn=k,
+                signature={**sig, **dict.fromkeys(const, "constexpr")},
+                constexprs=const,
+                attrs={(sig_names.index("bs"),): [["tt.divisibility", 16]]},
+            )  # as a launch does
+            ptx[mode] = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": 8}
+            ).asm["ptx"]
         r1 = _triton_step.kernel(interpret=False, name="_rank1_max_kernel")
-        const = dict(PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True, ALIGNED=True)
-        sig1 = {**{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
-                **dict.fromkeys(const, "constexpr")}
-        ptx["rank1 pass 1"] = triton.compile(ASTSource(fn=r1, signature=sig1, constexprs=const),
-                                             target=GPUTarget("cuda", 90, 32),
-                                             options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
+        const = dict(
+            PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True, ALIGNED=True
+        )
+        sig1 = {
+            **{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
+            **dict.fromkeys(const, "constexpr"),
+        }
+        ptx["rank1 pass 1"] = triton.compile(
+            ASTSource(fn=r1, signature=sig1, constexprs=const),
+            target=GPUTarget("cuda", 90, 32),
+            options={"enable_fp_fusion": False, "num_warps": 8},
+        ).asm["ptx"]
     except Exception as e:  # no CUDA toolchain in this triton build
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {e}")
     for mode, text in ptx.items():
