@@ -82,8 +82,10 @@ def peers(dtype, external=True):
             out["bitsandbytes AdamW8bit"] = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None)
         except Exception as e:  # pragma: no cover
             print(f"bitsandbytes unavailable: {e}")
-    out["lowbit AdamW8bit"] = (lambda ps: lo.AdamW8bit(ps, lr=1e-3),
-                               ["torchao AdamW8bit", "bitsandbytes AdamW8bit"])
+    out["lowbit AdamW8bit"] = (
+        lambda ps: lo.AdamW8bit(ps, lr=1e-3),
+        ["torchao AdamW8bit", "bitsandbytes AdamW8bit"],
+    )
     out["lowbit AdamW4bit"] = (lambda ps: lo.AdamW4bit(ps, lr=1e-3), ["torchao AdamW4bit"])
     out["lowbit AdamWFp8"] = (lambda ps: lo.AdamWFp8(ps, lr=1e-3), ["torchao AdamWFp8"])
     return out
@@ -101,14 +103,21 @@ def baseline_arms(rev: str) -> dict:
 
     repo = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="lowbit_baseline_"))
-    files = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", "-r", rev, "lowbit/optim/"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "-C", str(repo), "ls-tree", "--name-only", "-r", rev, "lowbit/optim/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if f == "lowbit/optim/_cpu_kernel.py" or f.startswith("lowbit/optim/csrc/"):
             out = tmp / Path(f).relative_to("lowbit/optim")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{f}"],
-                                           capture_output=True, check=True).stdout)
+            out.write_bytes(
+                subprocess.run(
+                    ["git", "-C", str(repo), "show", f"{rev}:{f}"], capture_output=True, check=True
+                ).stdout
+            )
     spec = importlib.util.spec_from_file_location("lowbit.optim._cpu_kernel_baseline", tmp / "_cpu_kernel.py")
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
@@ -129,10 +138,14 @@ def baseline_arms(rev: str) -> dict:
         return opt
 
     return {
-        f"lowbit AdamW8bit @{rev}": (lambda ps: with_baseline(lo.AdamW8bit(ps, lr=1e-3)),
-                                     ["lowbit AdamW8bit"]),
-        f"lowbit AdamW4bit @{rev}": (lambda ps: with_baseline(lo.AdamW4bit(ps, lr=1e-3)),
-                                     ["lowbit AdamW4bit"]),
+        f"lowbit AdamW8bit @{rev}": (
+            lambda ps: with_baseline(lo.AdamW8bit(ps, lr=1e-3)),
+            ["lowbit AdamW8bit"],
+        ),
+        f"lowbit AdamW4bit @{rev}": (
+            lambda ps: with_baseline(lo.AdamW4bit(ps, lr=1e-3)),
+            ["lowbit AdamW4bit"],
+        ),
         f"lowbit AdamWFp8 @{rev}": (lambda ps: with_baseline(lo.AdamWFp8(ps, lr=1e-3)), ["lowbit AdamWFp8"]),
     }
 
@@ -167,25 +180,32 @@ def run(dtype, rounds, slow_rounds, external=True, baseline=None):
     med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     fused = med.get("torch AdamW fused")
     dname = str(dtype).replace("torch.", "")
-    print(f"\n### {dname} params, {nparams / 1e6:.1f}M, threads={torch.get_num_threads()}, "
-          f"rounds={rounds} (peers from torchao/bitsandbytes: {slow_rounds})")
+    print(
+        f"\n### {dname} params, {nparams / 1e6:.1f}M, threads={torch.get_num_threads()}, "
+        f"rounds={rounds} (peers from torchao/bitsandbytes: {slow_rounds})"
+    )
     print("| optimizer | step ms (median) | x fused AdamW | speed-up vs peer | state B/param |")
     print("|---|---|---|---|---|")
     for name, o in opts.items():
         vs_peer = ""
         peer_names = entries[name][1] or []
         vs_peer = ", ".join(f"{med[p] / med[name]:.2f}x vs {p}" for p in peer_names if p in med)
-        print(f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
-              f"{state_bytes(o) / nparams:.3f} |")
+        print(
+            f"| {name} | {med[name]:.1f} | {med[name] / fused:.2f} | {vs_peer} | "
+            f"{state_bytes(o) / nparams:.3f} |"
+        )
     if baseline:  # same-round pairs see the same load: their ratio is the steadier figure
-        print(f"\ncurrent / @{baseline}, per round: median [quartiles] of the ratio; "
-              "ratio of the fastest steps")
+        print(
+            f"\ncurrent / @{baseline}, per round: median [quartiles] of the ratio; ratio of the fastest steps"
+        )
         for name in opts:
             if name.endswith(f"@{baseline}") and name.split(" @")[0] in times:
                 cur, base = times[name.split(" @")[0]], times[name]
                 q = statistics.quantiles([a / b for a, b in zip(cur, base)], n=4)
-                print(f"- {name.split(' @')[0]}: {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]; "
-                      f"fastest {min(cur) / min(base):.3f}")
+                print(
+                    f"- {name.split(' @')[0]}: {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]; "
+                    f"fastest {min(cur) / min(base):.3f}"
+                )
 
 
 FIRST_STEP = r"""
@@ -218,8 +238,9 @@ QUALITY_EXTRA = {"AdamW4bit rank1": ("lowbit.optim.AdamW4bit", ["optimizer.v_nor
 def quality(workdir, overrides, only=None):
     from pathlib import Path
 
+    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
+
     from lowbit.data.synthetic import generate_hellaswag, write_jsonl
-    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -239,8 +260,9 @@ def quality(workdir, overrides, only=None):
     rows, table = [], None
     for name, (path, extra) in opts.items():  # one run (own directory) per optimizer
         key = name.replace(" ", "-").split("-(")[0].lower()
-        out = run_optim_arm(workdir / key, eval_file, ["progress_bar=false", *overrides, *extra],
-                            optimizers={name: path})
+        out = run_optim_arm(
+            workdir / key, eval_file, ["progress_bar=false", *overrides, *extra], optimizers={name: path}
+        )
         rows += out["rows"]
         table = table or out["markdown"].splitlines()[:2]
         ref = rows[0]["final_loss"]
@@ -248,9 +270,11 @@ def quality(workdir, overrides, only=None):
         cells = line.split(" | ")
         cells[2] = f"{100 * (rows[-1]['final_loss'] / ref - 1):+.2f}%"
         table.append(" | ".join(cells))
-    print(f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, "
-          f"threads={torch.get_num_threads()}, {time.perf_counter() - t0:.0f} s "
-          f"(column 3 vs {rows[0]['name']})")
+    print(
+        f"\n### quality: tiny_pretrain {' '.join(overrides) or '(defaults)'}, "
+        f"threads={torch.get_num_threads()}, "
+        f"{time.perf_counter() - t0:.0f} s (column 3 vs {rows[0]['name']})"
+    )
     print("\n".join(table))
 
 
@@ -262,9 +286,12 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-first-step", action="store_true")
     ap.add_argument("--no-external", action="store_true", help="skip the torchao / bitsandbytes peers")
-    ap.add_argument("--baseline", default=None, metavar="REV",
-                    help="also time the lowbit optimizers with the C++ kernel of git revision REV "
-                         "(interleaved)")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also time the lowbit optimizers with the C++ kernel of git revision REV (interleaved)",
+    )
     ap.add_argument("--quality", action="store_true", help="run the tiny-model pretraining comparison")
     ap.add_argument("--workdir", default="lowbit_runs/bench_optim_quality")
     ap.add_argument("--optimizers", default=None, help="quality: comma-separated subset, e.g. adamw,adamwfp8")
@@ -276,9 +303,14 @@ def main():
         return
     if not args.no_first_step:
         first_step()
-    for d in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        run(torch.float32 if d == "fp32" else torch.bfloat16, args.rounds, args.slow_rounds,
-            not args.no_external, args.baseline)
+    for d in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
+        run(
+            torch.float32 if d == "fp32" else torch.bfloat16,
+            args.rounds,
+            args.slow_rounds,
+            not args.no_external,
+            args.baseline,
+        )
 
 
 if __name__ == "__main__":

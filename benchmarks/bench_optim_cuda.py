@@ -162,20 +162,29 @@ def check_exact(device: str) -> bool:
 
     def bits(t):
         t = t.detach().cpu()
-        return t.view(torch.uint8) if t.element_size() == 1 else t.view({2: torch.int16, 4: torch.int32}[
-            t.element_size()])
+        return (
+            t.view(torch.uint8)
+            if t.element_size() == 1
+            else t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+        )
 
-    arms = {"AdamW8bit": (lo.AdamW8bit, {}), "AdamW4bit": (lo.AdamW4bit, {}), "AdamWFp8": (lo.AdamWFp8, {}),
-            "Adam4bit rank1": (lo.Adam4bit, {"v_norm": "rank1", "weight_decay": 0.1}),
-            "AdamW8bit sr": (lo.AdamW8bit, {"bf16_stochastic_round": True})}
+    arms = {
+        "AdamW8bit": (lo.AdamW8bit, {}),
+        "AdamW4bit": (lo.AdamW4bit, {}),
+        "AdamWFp8": (lo.AdamWFp8, {}),
+        "Adam4bit rank1": (lo.Adam4bit, {"v_norm": "rank1", "weight_decay": 0.1}),
+        "AdamW8bit sr": (lo.AdamW8bit, {"bf16_stochastic_round": True}),
+    }
     ok = True
     for name, (cls, kw) in arms.items():
         runs = []
         for dev, backend in ((device, os.environ.get("LOWBIT_OPTIM_BACKEND", "auto")), ("cpu", "torch")):
             os.environ["LOWBIT_OPTIM_BACKEND"] = backend
             g = torch.Generator().manual_seed(0)
-            ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(torch.bfloat16).to(dev))
-                  for s in ((4099,), (64, 65), (300,), (33, 128))]
+            ps = [
+                torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(torch.bfloat16).to(dev))
+                for s in ((4099,), (64, 65), (300,), (33, 128))
+            ]
             opt = cls(ps, lr=1e-2, min_quant_size=1000, **kw)
             torch.manual_seed(1)  # stochastic-rounding seeds
             for step in range(3):
@@ -189,10 +198,14 @@ def check_exact(device: str) -> bool:
         (pa, oa), (pb, ob) = runs
         same = all(torch.equal(bits(a), bits(b)) for a, b in zip(pa, pb)) and all(
             torch.equal(bits(oa.state[a][k]), bits(ob.state[b][k]))
-            for a, b in zip(pa, pb) for k in oa.state[a])
+            for a, b in zip(pa, pb)
+            for k in oa.state[a]
+        )
         ok &= same
-        print(f"bit-exact vs the CPU torch step ({name}, bf16, 3 steps, a NaN gradient): "
-              f"{'yes' if same else 'NO'}")
+        print(
+            f"bit-exact vs the CPU torch step ({name}, bf16, 3 steps, a NaN gradient): "
+            f"{'yes' if same else 'NO'}"
+        )
     return ok
 
 
@@ -201,13 +214,16 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3,
-                    help="untimed rounds first (Triton compiles, state allocation)")
-    ap.add_argument("--peers", default="bnb,torchao",
-                    help="comma-separated optional peers: bnb, torchao ('' none)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed rounds first (Triton compiles, state allocation)"
+    )
+    ap.add_argument(
+        "--peers", default="bnb,torchao", help="comma-separated optional peers: bnb, torchao ('' none)"
+    )
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the matching optimizers")
-    ap.add_argument("--no-check", action="store_true",
-                    help="skip the bit-exactness check against the CPU step")
+    ap.add_argument(
+        "--no-check", action="store_true", help="skip the bit-exactness check against the CPU step"
+    )
     args = ap.parse_args()
     device = args.device
     backend_env = os.environ.get("LOWBIT_OPTIM_BACKEND", "auto")
@@ -227,17 +243,20 @@ def main() -> None:
         tv = triton.__version__
     except Exception:
         tv = "not installed"
-    print(f"## optimizer step, {nparams / 1e6:.1f}M bf16 params ({args.size}), {name}, "
-          f"torch {torch.__version__}, triton {tv}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"LOWBIT_OPTIM_BACKEND={os.environ.get('LOWBIT_OPTIM_BACKEND', 'auto')}")
+    print(
+        f"## optimizer step, {nparams / 1e6:.1f}M bf16 params ({args.size}), {name}, "
+        f"torch {torch.__version__}, "
+        f"triton {tv}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"LOWBIT_OPTIM_BACKEND={os.environ.get('LOWBIT_OPTIM_BACKEND', 'auto')}"
+    )
     print(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
 
     launches = TritonLaunches()
     makers = arms([s for s in args.peers.split(",") if s])
     if args.only:
-        makers = {k: v for k, v in makers.items()
-                  if any(s.lower() in k.lower() for s in args.only.split(","))}
+        makers = {
+            k: v for k, v in makers.items() if any(s.lower() in k.lower() for s in args.only.split(","))
+        }
     opts = {}
     for arm, make in makers.items():
         try:
@@ -277,8 +296,10 @@ def main() -> None:
                 times[arm].append(dt)
 
     fused = statistics.median(times["torch AdamW fused"]) if times.get("torch AdamW fused") else None
-    print("\n| optimizer | step ms (median) | x fused AdamW | MB moved / step | floor ms | x floor | "
-          "device kernels / step | lowbit Triton launches / step | state B/param |")
+    print(
+        "\n| optimizer | step ms (median) | x fused AdamW | MB moved / step | floor ms | x floor | "
+        "device kernels / step | lowbit Triton launches / step | state B/param |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for arm, opt in opts.items():
@@ -288,21 +309,28 @@ def main() -> None:
         floor = moved / bw
         kernels, copies = device_kernels(opt, device)
         kern = f"{kernels} (+{copies} copies)" if kernels >= 0 else "n/a (cpu)"
-        tl_launch = sorted(set(per_step_launches[arm][args.warmup:])) or [0]
+        tl_launch = sorted(set(per_step_launches[arm][args.warmup :])) or [0]
         rows[arm] = (med, floor)
-        print(f"| {arm} | {med * 1e3:.2f} | {med / fused if fused else float('nan'):.2f} | "
-              f"{moved / 1e6:.1f} | {floor * 1e3:.2f} | {med / floor:.2f} | {kern} | "
-              f"{'/'.join(map(str, tl_launch))} | {sb / nparams:.3f} |")
+        print(
+            f"| {arm} | {med * 1e3:.2f} | {med / fused if fused else float('nan'):.2f} | {moved / 1e6:.1f} | "
+            f"{floor * 1e3:.2f} | {med / floor:.2f} | {kern} | {'/'.join(map(str, tl_launch))} | "
+            f"{sb / nparams:.3f} |"
+        )
     if "lowbit AdamW8bit" in rows and fused:
         med, floor = rows["lowbit AdamW8bit"]
-        print(f"\nbar (8-bit step <= 1.3x bytes floor and faster than torch fused AdamW): "
-              f"{med / floor:.2f}x floor, {med / fused:.2f}x fused -> "
-              f"{'MET' if med <= 1.3 * floor and med < fused else 'NOT MET'}")
+        print(
+            f"\nbar (8-bit step <= 1.3x bytes floor and faster than torch fused AdamW): "
+            f"{med / floor:.2f}x floor, {med / fused:.2f}x fused -> "
+            f"{'MET' if med <= 1.3 * floor and med < fused else 'NOT MET'}"
+        )
     try:
         from lowbit.optim import _triton_step
 
-        n = sum(len(c[0]) for k in _triton_step.KERNELS
-                for c in _triton_step.kernel(False, k).device_caches.values())
+        n = sum(
+            len(c[0])
+            for k in _triton_step.KERNELS
+            for c in _triton_step.kernel(False, k).device_caches.values()
+        )
         print(f"compiled specializations of the lowbit Triton kernel: {n} (one per format x state kind used)")
     except Exception:
         pass

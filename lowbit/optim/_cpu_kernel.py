@@ -40,7 +40,8 @@ def _enum(name: str) -> dict[str, int]:
 StepFlag = enum.IntFlag("StepFlag", _enum("lowbit_step_flag"))
 """Bits of ``StepArgs.flags``: ``MAXIMIZE``, ``COUPLED``, ``STOCHASTIC_ROUND``."""
 MODES = _enum("lowbit_mode")
-"""``{"MODE_FP32": 0, "MODE_Q8": 1, "MODE_Q4": 2, "MODE_FP8": 3, "MODE_Q4_RANK1": 4}`` (``StateFormat.mode``)."""
+"""``{"MODE_FP32": 0, "MODE_Q8": 1, "MODE_Q4": 2, "MODE_FP8": 3, "MODE_Q4_RANK1": 4}``
+(``StateFormat.mode``)."""
 
 _P = ctypes.c_void_p
 
@@ -49,13 +50,30 @@ class StepArgs(ctypes.Structure):
     """``struct lowbit_step_args`` of ``csrc/abi.h`` (field for field; its size is checked at load)."""
 
     _fields_ = [
-        ("n_params", ctypes.c_int64), ("mode", ctypes.c_int32), ("param_bf16", ctypes.c_int32),
+        ("n_params", ctypes.c_int64),
+        ("mode", ctypes.c_int32),
+        ("param_bf16", ctypes.c_int32),
         ("block_size", ctypes.c_int64),
-        ("params", _P), ("grads", _P), ("m_data", _P), ("m_scale", _P), ("v_data", _P), ("v_scale", _P),
-        ("numels", _P), ("hyper", _P), ("seeds", _P),
-        ("qmap_m", _P), ("qmap_v", _P), ("table_m", _P), ("table_v", _P), ("meta_m", _P), ("meta_v", _P),
-        ("v_row", _P), ("v_col", _P), ("cols", _P),
-        ("flags", ctypes.c_int32), ("num_threads", ctypes.c_int32),
+        ("params", _P),
+        ("grads", _P),
+        ("m_data", _P),
+        ("m_scale", _P),
+        ("v_data", _P),
+        ("v_scale", _P),
+        ("numels", _P),
+        ("hyper", _P),
+        ("seeds", _P),
+        ("qmap_m", _P),
+        ("qmap_v", _P),
+        ("table_m", _P),
+        ("table_v", _P),
+        ("meta_m", _P),
+        ("meta_v", _P),
+        ("v_row", _P),
+        ("v_col", _P),
+        ("cols", _P),
+        ("flags", ctypes.c_int32),
+        ("num_threads", ctypes.c_int32),
     ]
 
 
@@ -96,8 +114,10 @@ def build_library(source: Path, prefix: str) -> ctypes.CDLL:
     size_fn = getattr(lib, "lowbit_step_args_size", None) or lib.lowbit_test_step_args_size
     size_fn.restype = ctypes.c_int64
     if size_fn() != ctypes.sizeof(StepArgs):
-        raise RuntimeError(f"{so}: struct lowbit_step_args is {size_fn()} bytes, StepArgs "
-                           f"{ctypes.sizeof(StepArgs)}: csrc/abi.h and _cpu_kernel.StepArgs disagree")
+        raise RuntimeError(
+            f"{so}: struct lowbit_step_args is {size_fn()} bytes, StepArgs "
+            f"{ctypes.sizeof(StepArgs)}: csrc/abi.h and _cpu_kernel.StepArgs disagree"
+        )
     return lib
 
 
@@ -164,9 +184,18 @@ def _ptrs(ts: list[Tensor]):
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
 
-def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
-              block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool,
-              stochastic: bool) -> tuple[StepArgs, list]:
+def make_args(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    fmt: StateFormat | None,
+    block_size: int,
+    hyper: Tensor,
+    seeds: list[int],
+    maximize: bool,
+    coupled: bool,
+    stochastic: bool,
+) -> tuple[StepArgs, list]:
     """The kernel's argument struct for one bucket, and the objects it points into (keep them alive)."""
     if fmt is None:
         m = [s["exp_avg"] for s in states]
@@ -184,36 +213,67 @@ def make_args(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt
     hyper = hyper.contiguous()
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     seeds_t = torch.tensor(seeds, dtype=torch.int64).to(torch.int32)  # low 32 bits
-    flags = ((StepFlag.MAXIMIZE if maximize else 0) | (StepFlag.COUPLED if coupled else 0)
-             | (StepFlag.STOCHASTIC_ROUND if stochastic else 0))
+    flags = (
+        (StepFlag.MAXIMIZE if maximize else 0)
+        | (StepFlag.COUPLED if coupled else 0)
+        | (StepFlag.STOCHASTIC_ROUND if stochastic else 0)
+    )
     arrays = [_ptrs(params), _ptrs(grads), _ptrs(m), ms, _ptrs(v), vs]
     rank1 = fmt is not None and fmt.v_rank1
     cols = torch.tensor([p.shape[-1] if rank1 else 0 for p in params], dtype=torch.int64)
-    rank1_arrays = ([_ptrs([s["exp_avg_sq_row"] for s in states]), _ptrs([s["exp_avg_sq_col"] for s in states])]
-                    if rank1 else [None, None])
+    rank1_arrays = (
+        [_ptrs([s["exp_avg_sq_row"] for s in states]), _ptrs([s["exp_avg_sq_col"] for s in states])]
+        if rank1
+        else [None, None]
+    )
 
     def ptr(t):
         return None if t is None else t.data_ptr()
 
     args = StepArgs(
-        len(params), mode, 1 if params[0].dtype == torch.bfloat16 else 0, block_size,
+        len(params),
+        mode,
+        1 if params[0].dtype == torch.bfloat16 else 0,
+        block_size,
         *[ctypes.cast(a, _P) if a is not None else None for a in arrays],
-        numels.data_ptr(), hyper.data_ptr(), seeds_t.data_ptr(),
-        ptr(cm[0]), ptr(cv[0]), ptr(cm[1]), ptr(cv[1]), ptr(cm[2]), ptr(cv[2]),
-        *[ctypes.cast(a, _P) if a is not None else None for a in rank1_arrays], cols.data_ptr(),
-        int(flags), torch.get_num_threads(),
+        numels.data_ptr(),
+        hyper.data_ptr(),
+        seeds_t.data_ptr(),
+        ptr(cm[0]),
+        ptr(cv[0]),
+        ptr(cm[1]),
+        ptr(cv[1]),
+        ptr(cm[2]),
+        ptr(cv[2]),
+        *[ctypes.cast(a, _P) if a is not None else None for a in rank1_arrays],
+        cols.data_ptr(),
+        int(flags),
+        torch.get_num_threads(),
     )
     return args, [arrays, rank1_arrays, cols, numels, hyper, seeds_t, cm, cv]
 
 
-def step(lib: ctypes.CDLL, params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None,
-         block_size: int, hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool) -> None:
+def step(
+    lib: ctypes.CDLL,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    fmt: StateFormat | None,
+    block_size: int,
+    hyper: Tensor,
+    seeds: list[int],
+    maximize: bool,
+    coupled: bool,
+    stochastic: bool,
+) -> None:
     """Update ``params`` (same dtype, CPU, contiguous) and their states in one fused call.
 
     ``hyper``: fp32 ``[len(params), 9]`` rows (see ``_torch_step.HYPER_FIELDS``); ``fmt=None`` for
     fp32 states (then ``block_size`` is only the work granularity).
     """
-    args, _keep = make_args(params, grads, states, fmt, block_size, hyper, seeds, maximize, coupled, stochastic)
+    args, _keep = make_args(
+        params, grads, states, fmt, block_size, hyper, seeds, maximize, coupled, stochastic
+    )
     rc = lib.lowbit_adam_step(ctypes.byref(args))
     if rc != 0:
         raise RuntimeError(f"lowbit.optim CPU kernel rejected its arguments (code {rc})")

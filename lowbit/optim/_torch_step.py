@@ -20,8 +20,9 @@ from .formats import StateFormat
 HYPER_FIELDS = ("b1", "omb1", "b2", "omb2", "eps", "step_size", "inv_bc2_sqrt", "decay", "wd")
 
 
-def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
-              decoupled: bool) -> list[float]:
+def hyper_row(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float, decoupled: bool
+) -> list[float]:
     """Per-step scalars in float64 (rounded once to fp32 by the caller), in ``HYPER_FIELDS`` order."""
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
@@ -90,8 +91,18 @@ def adam_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, maximize: b
     return p, m, v
 
 
-def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block_size: int, h: Tensor,
-               maximize: bool, coupled: bool, stochastic: bool, seed: int) -> None:
+def torch_step(
+    p: Tensor,
+    g: Tensor,
+    state: dict,
+    fmt: StateFormat | None,
+    block_size: int,
+    h: Tensor,
+    maximize: bool,
+    coupled: bool,
+    stochastic: bool,
+    seed: int,
+) -> None:
     """One Adam step of parameter ``p`` (in place) and its ``state``; ``fmt=None`` is fp32 state."""
     n = p.numel()
     p32 = p.detach().reshape(-1).float()
@@ -101,17 +112,21 @@ def torch_step(p: Tensor, g: Tensor, state: dict, fmt: StateFormat | None, block
         m, v = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
     elif fmt.name == "fp8":
         m = blockwise.dequantize_fp8_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], block_size, n)
-        v = blockwise.dequantize_fp8_blockwise(state[f"{fmt.v_key}_codes"], state[f"{fmt.v_key}_scale"],
-                                               block_size, n)
+        v = blockwise.dequantize_fp8_blockwise(
+            state[f"{fmt.v_key}_codes"], state[f"{fmt.v_key}_scale"], block_size, n
+        )
     else:
-        m = blockwise.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], fmt.m_codebook,
-                                           block_size, n)
+        m = blockwise.dequantize_blockwise(
+            state["exp_avg_codes"], state["exp_avg_scale"], fmt.m_codebook, block_size, n
+        )
         if fmt.v_rank1:
-            v = blockwise.dequantize_rank1(state["exp_avg_sq_codes"], state["exp_avg_sq_row"],
-                                           state["exp_avg_sq_col"], fmt.v_codebook)
+            v = blockwise.dequantize_rank1(
+                state["exp_avg_sq_codes"], state["exp_avg_sq_row"], state["exp_avg_sq_col"], fmt.v_codebook
+            )
         else:
-            v = blockwise.dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_scale"],
-                                               fmt.v_codebook, block_size, n)
+            v = blockwise.dequantize_blockwise(
+                state["exp_avg_sq_codes"], state["exp_avg_sq_scale"], fmt.v_codebook, block_size, n
+            )
     if fmt is not None and fmt.v_sqrt:
         v = v * v
     p32, m, v = adam_math(p32, g32, m, v, h, maximize, coupled)

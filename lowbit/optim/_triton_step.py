@@ -6,14 +6,16 @@ set of tensors and cached on the device) and a per-step table (gradient addresse
 seeds, the nine fp32 hyper-parameters of each parameter) copied to the device without a host sync. Every
 program updates ``ROWS`` whole quantization blocks of one parameter: decode, the fp32 Adam update, the
 new per-block absmax, encode. Learning rate, step and shapes are data, not compile-time constants, so
-they never recompile the kernel.
+they never recompile the kernel; the compile-time constants are the format, the dtype, the options
+(maximize, coupled weight decay, stochastic rounding) and whether every tensor of the bucket is 16-byte
+aligned with a multiple of 16 elements (then loads and stores are 16-byte vectors).
 
 Numerics are those of the reference step (``lowbit.optim._torch_step``, tests/optim/reference.py), op by
 op: fp32 multiplies and adds launched with ``enable_fp_fusion=False`` (no FMA contraction), correctly
-rounded ``sqrt_rn`` / ``div_rn``, no denormal flushing, the exact nearest code from one load of the codebook's cell
-table (``lowbit.quant.blockwise.encode_cell_table``, as the C++ kernel's table encode), e4m3 encode and
-decode and bf16 rounding by integer bit manipulation. Every such operation has one correct result, so the
-interpreter (numpy, which the CPU tests run) and the GPU compute the same bits.
+rounded ``sqrt_rn`` / ``div_rn``, no denormal flushing, the exact nearest code from one load of the
+codebook's cell table (``lowbit.quant.blockwise.encode_cell_table``, as the C++ kernel's table encode),
+e4m3 encode and decode and bf16 rounding by integer bit manipulation. Every such operation has one correct
+result, so the interpreter (numpy, which the CPU tests run) and the GPU compute the same bits.
 
 The kernels are built twice from the same functions: compiled (``JITFunction``) for CUDA tensors and
 interpreted (``InterpretedFunction``) for CPU tensors, whatever ``TRITON_INTERPRET`` says. So the device
@@ -49,19 +51,24 @@ _PKIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Plain functions: ``kernel()`` wraps them as Triton functions (compiled or interpreted).
 
 
-def _ptr(addr, dtype: tl.constexpr):
-    return addr.to(tl.pointer_type(dtype), bitcast=True)
+def _ptr(addr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address ``addr`` (int64) as a pointer; ``ALIGNED``: it is a multiple of 16 bytes (host-checked),
+    so contiguous loads and stores can be 16-byte vectors."""
+    ptr = addr.to(tl.pointer_type(dtype), bitcast=True)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
-def _load_float(addr, e, mask, PKIND: tl.constexpr):
+def _load_float(addr, e, mask, PKIND: tl.constexpr, ALIGNED: tl.constexpr):
     """Elements ``e`` of the fp32 / bf16 / fp16 tensor at ``addr`` as fp32 (exact)."""
     if PKIND == 1:
-        u = tl.load(_ptr(addr, tl.uint16) + e, mask=mask, other=0)
+        u = tl.load(_ptr(addr, tl.uint16, ALIGNED) + e, mask=mask, other=0)
         return (u.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif PKIND == 2:
-        return tl.load(_ptr(addr, tl.float16) + e, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(_ptr(addr, tl.float16, ALIGNED) + e, mask=mask, other=0.0).to(tl.float32)
     else:
-        return tl.load(_ptr(addr, tl.float32) + e, mask=mask, other=0.0)
+        return tl.load(_ptr(addr, tl.float32, ALIGNED) + e, mask=mask, other=0.0)
 
 
 def _rand16(index, seed):
@@ -75,7 +82,7 @@ def _rand16(index, seed):
     return z >> 16
 
 
-def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr):
+def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr):
     """Store fp32 ``x``: as is, rounded to fp16 (nearest even), or to bf16 (nearest even / stochastic)."""
     if PKIND == 1:
         b = x.to(tl.uint32, bitcast=True)
@@ -84,11 +91,11 @@ def _store_param(addr, e, mask, x, seed, PKIND: tl.constexpr, SR: tl.constexpr):
         else:
             r = 0x7FFF + ((b >> 16) & 1)
         out = tl.where(x != x, 0x7FC0, (b + r) >> 16)
-        tl.store(_ptr(addr, tl.uint16) + e, out.to(tl.uint16), mask=mask)
+        tl.store(_ptr(addr, tl.uint16, ALIGNED) + e, out.to(tl.uint16), mask=mask)
     elif PKIND == 2:
-        tl.store(_ptr(addr, tl.float16) + e, x.to(tl.float16), mask=mask)
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + e, x.to(tl.float16), mask=mask)
     else:
-        tl.store(_ptr(addr, tl.float32) + e, x, mask=mask)
+        tl.store(_ptr(addr, tl.float32, ALIGNED) + e, x, mask=mask)
 
 
 def _decode_fp8(c):
@@ -134,37 +141,55 @@ def _nearest_code(y, t_ptr):
     return (entry >> 23).to(tl.int32) - (off < (entry & 0x7FFFFF)).to(tl.int32)
 
 
-def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr):
+def _decode(addr, scale, e, mask, qmap_ptr, MODE: tl.constexpr, ALIGNED: tl.constexpr):
     """Moment values ``code value * block scale`` of elements ``e``."""
     if MODE == 3:
-        c = tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0)
+        c = tl.load(_ptr(addr, tl.uint8, ALIGNED) + e, mask=mask, other=0)
         q = _decode_fp8(c)
     elif MODE == 2:
-        byte = tl.load(_ptr(addr, tl.uint8) + (e >> 1), mask=mask, other=0).to(tl.int32)
+        byte = tl.load(_ptr(addr, tl.uint8, ALIGNED) + (e >> 1), mask=mask, other=0).to(tl.int32)
         q = tl.load(qmap_ptr + ((byte >> ((e & 1) * 4).to(tl.int32)) & 15))
     else:
-        q = tl.load(qmap_ptr + tl.load(_ptr(addr, tl.uint8) + e, mask=mask, other=0).to(tl.int32))
+        q = tl.load(qmap_ptr + tl.load(_ptr(addr, tl.uint8, ALIGNED) + e, mask=mask, other=0).to(tl.int32))
     return q * scale
 
 
-def _store_codes4(code, blk, bs, n, codes_addr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _store_codes4(
+    code, blk, bs, n, codes_addr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr
+):
     """Store 4-bit codes ([ROWS, BLOCK], 0 where invalid) two per byte, element 2i in the low nibble."""
     lo, hi = tl.split(tl.reshape(code, (ROWS, BLOCK // 2, 2)))
     k = tl.arange(0, BLOCK // 2)[None, :]
     first = blk[:, None] * bs + 2 * k  # the even element of each byte
-    tl.store(_ptr(codes_addr, tl.uint8) + (first >> 1), (lo | (hi << 4)).to(tl.uint8),
-             mask=(2 * k < bs) & (first < n))
+    tl.store(
+        _ptr(codes_addr, tl.uint8, ALIGNED) + (first >> 1),
+        (lo | (hi << 4)).to(tl.uint8),
+        mask=(2 * k < bs) & (first < n),
+    )
 
 
 def _rank1_scale(row_addr, col_addr, i, jj, valid):
     """min(row[i], col[jj]) of a rank-1 normalized second moment (1 where not ``valid``)."""
-    r = tl.load(_ptr(row_addr, tl.float32) + i, mask=valid, other=1.0)
-    c = tl.load(_ptr(col_addr, tl.float32) + jj, mask=valid, other=1.0)
+    r = tl.load(_ptr(row_addr, tl.float32, False) + i, mask=valid, other=1.0)
+    c = tl.load(_ptr(col_addr, tl.float32, False) + jj, mask=valid, other=1.0)
     return tl.minimum(r, c)
 
 
-def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_store(
+    x,
+    e,
+    valid,
+    blk,
+    bs,
+    n,
+    codes_addr,
+    scale_addr,
+    t_ptr,
+    MODE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Blockwise-quantize ``x`` ([ROWS, BLOCK], one block per row) and store codes and scales.
 
     Non-finite elements are stored as the code of 0 and stay out of the block's absmax."""
@@ -174,18 +199,35 @@ def _quantize_store(x, e, valid, blk, bs, n, codes_addr, scale_addr, t_ptr, MODE
         scale = tl.div_rn(scale, tl.full(scale.shape, 448.0, tl.float32))
     inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     y = x * inv[:, None]
-    tl.store(_ptr(scale_addr, tl.float32) + blk, scale, mask=blk * bs < n)
+    tl.store(_ptr(scale_addr, tl.float32, ALIGNED) + blk, scale, mask=blk * bs < n)
     if MODE == 3:
-        tl.store(_ptr(codes_addr, tl.uint8) + e, _encode_fp8(y), mask=valid)
+        tl.store(_ptr(codes_addr, tl.uint8, ALIGNED) + e, _encode_fp8(y), mask=valid)
     elif MODE == 2:
-        _store_codes4(tl.where(valid, _nearest_code(y, t_ptr), 0), blk, bs, n, codes_addr, ROWS, BLOCK)
+        code = tl.where(valid, _nearest_code(y, t_ptr), 0)
+        _store_codes4(code, blk, bs, n, codes_addr, ROWS, BLOCK, ALIGNED)
     else:
-        tl.store(_ptr(codes_addr, tl.uint8) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
+        tl.store(_ptr(codes_addr, tl.uint8, ALIGNED) + e, _nearest_code(y, t_ptr).to(tl.uint8), mask=valid)
 
 
-def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_ptr, tv_ptr, bs,
-                 MODE: tl.constexpr, PKIND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, SR: tl.constexpr):
+def _adam_kernel(
+    static_ptr,
+    step_ptr,
+    hyper_ptr,
+    prog_ptr,
+    qm_ptr,
+    qv_ptr,
+    tm_ptr,
+    tv_ptr,
+    bs,
+    MODE: tl.constexpr,
+    PKIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    COUPLED: tl.constexpr,
+    SR: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     # which parameter, which blocks
     pid = tl.program_id(0)
     j = tl.load(prog_ptr + 2 * pid)
@@ -195,6 +237,8 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     m_addr = tl.load(row + 1)
     v_addr = tl.load(row + 2)
     n = tl.load(row + 5)
+    if ALIGNED:  # (and every size a multiple of 16: masks are constant over 16-element vectors)
+        n = tl.multiple_of(n, 16)
     g_addr = tl.load(step_ptr + STEP_COLS * j)
     seed = tl.load(step_ptr + STEP_COLS * j + 1).to(tl.uint32)
     h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
@@ -211,25 +255,28 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     col = tl.arange(0, BLOCK)[None, :]
     e = blk[:, None] * bs + col
     valid = (col < bs) & (e < n)
-    p = _load_float(p_addr, e, valid, PKIND)
-    g = _load_float(g_addr, e, valid, PKIND)
+    p = _load_float(p_addr, e, valid, PKIND, ALIGNED)
+    g = _load_float(g_addr, e, valid, PKIND, ALIGNED)
     if MODE == 0:
-        m = tl.load(_ptr(m_addr, tl.float32) + e, mask=valid, other=0.0)
-        v = tl.load(_ptr(v_addr, tl.float32) + e, mask=valid, other=0.0)
+        m = tl.load(_ptr(m_addr, tl.float32, ALIGNED) + e, mask=valid, other=0.0)
+        v = tl.load(_ptr(v_addr, tl.float32, ALIGNED) + e, mask=valid, other=0.0)
     else:
         rows_valid = blk * bs < n
-        sm = tl.load(_ptr(tl.load(row + 3), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
+        sm = tl.load(_ptr(tl.load(row + 3), tl.float32, ALIGNED) + blk, mask=rows_valid, other=0.0)[:, None]
         if MODE == 4:  # rank-1 v: element (i, jj) scaled by min(row[i], col[jj]); static column 4 holds cols
-            m = _decode(m_addr, sm, e, valid, qm_ptr, 2)
+            m = _decode(m_addr, sm, e, valid, qm_ptr, 2, ALIGNED)
             cols = tl.load(row + 4)
             i = e // cols
             jj = e % cols
             r1 = step_ptr + STEP_COLS * j + RANK1_COL
-            v = _decode(v_addr, _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
+            sv = _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid)
+            v = _decode(v_addr, sv, e, valid, qv_ptr, 2, ALIGNED)
         else:
-            sv = tl.load(_ptr(tl.load(row + 4), tl.float32) + blk, mask=rows_valid, other=0.0)[:, None]
-            m = _decode(m_addr, sm, e, valid, qm_ptr, MODE)
-            v = _decode(v_addr, sv, e, valid, qv_ptr, MODE)
+            sv = tl.load(_ptr(tl.load(row + 4), tl.float32, ALIGNED) + blk, mask=rows_valid, other=0.0)[
+                :, None
+            ]
+            m = _decode(m_addr, sm, e, valid, qm_ptr, MODE, ALIGNED)
+            v = _decode(v_addr, sv, e, valid, qv_ptr, MODE, ALIGNED)
         if MODE == 3:  # stored: sqrt(v)
             v = v * v
 
@@ -244,28 +291,42 @@ def _adam_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qm_ptr, qv_ptr, tm_p
     r = tl.sqrt_rn(v)
     u = tl.where(v == 0.0, 0.0, tl.div_rn(m, r * inv_bc2_sqrt + eps))  # no step where v == 0
     p = p - step_size * u
-    _store_param(p_addr, e, valid, p, seed, PKIND, SR)
+    _store_param(p_addr, e, valid, p, seed, PKIND, SR, ALIGNED)
 
     if MODE == 0:
-        tl.store(_ptr(m_addr, tl.float32) + e, m, mask=valid)
-        tl.store(_ptr(v_addr, tl.float32) + e, v, mask=valid)
+        tl.store(_ptr(m_addr, tl.float32, ALIGNED) + e, m, mask=valid)
+        tl.store(_ptr(v_addr, tl.float32, ALIGNED) + e, v, mask=valid)
     elif MODE == 4:
-        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, 2, ROWS, BLOCK)
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, 2, ROWS, BLOCK, ALIGNED)
         # v with the new row / column scales (the maxima of the new v, from _rank1_max_kernel)
         r1 = step_ptr + STEP_COLS * j + RANK1_COL
         s_new = _rank1_scale(tl.load(r1 + 2), tl.load(r1 + 3), i, jj, valid)
         y = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, v, 0.0) * tl.div_rn(
-            tl.full(s_new.shape, 1.0, tl.float32), s_new)
-        _store_codes4(tl.where(valid, _nearest_code(y, tv_ptr), 0), blk, bs, n, v_addr, ROWS, BLOCK)
+            tl.full(s_new.shape, 1.0, tl.float32), s_new
+        )
+        code = tl.where(valid, _nearest_code(y, tv_ptr), 0)
+        _store_codes4(code, blk, bs, n, v_addr, ROWS, BLOCK, ALIGNED)
     else:
         if MODE == 3:
             v = r
-        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, MODE, ROWS, BLOCK)
-        _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK)
+        _quantize_store(m, e, valid, blk, bs, n, m_addr, tl.load(row + 3), tm_ptr, MODE, ROWS, BLOCK, ALIGNED)
+        _quantize_store(v, e, valid, blk, bs, n, v_addr, tl.load(row + 4), tv_ptr, MODE, ROWS, BLOCK, ALIGNED)
 
 
-def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKIND: tl.constexpr,
-                      BLOCK: tl.constexpr, ROWS: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr):
+def _rank1_max_kernel(
+    static_ptr,
+    step_ptr,
+    hyper_ptr,
+    prog_ptr,
+    qv_ptr,
+    bs,
+    PKIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    COUPLED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Pass 1 of a rank-1 bucket: the new second moment of every element (as _adam_kernel computes it),
     its finite |v| max-ed into the new row and column scales (which start at 1e-30)."""
     pid = tl.program_id(0)
@@ -273,6 +334,8 @@ def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKI
     blk = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, ROWS)
     row = static_ptr + STATIC_COLS * j
     n = tl.load(row + 5)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
     cols = tl.load(row + 4)
     h = hyper_ptr + 2 * STEP_COLS * j + HYPER_SLOT
     col = tl.arange(0, BLOCK)[None, :]
@@ -281,20 +344,33 @@ def _rank1_max_kernel(static_ptr, step_ptr, hyper_ptr, prog_ptr, qv_ptr, bs, PKI
     i = e // cols
     jj = e % cols
     r1 = step_ptr + STEP_COLS * j + RANK1_COL
-    v = _decode(tl.load(row + 2), _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid), e, valid, qv_ptr, 2)
-    g = _load_float(tl.load(step_ptr + STEP_COLS * j), e, valid, PKIND)
+    sv = _rank1_scale(tl.load(r1), tl.load(r1 + 1), i, jj, valid)
+    v = _decode(tl.load(row + 2), sv, e, valid, qv_ptr, 2, ALIGNED)
+    g = _load_float(tl.load(step_ptr + STEP_COLS * j), e, valid, PKIND, ALIGNED)
     if MAXIMIZE:
         g = -g
     if COUPLED:
-        g = g + tl.load(h + 8) * _load_float(tl.load(row), e, valid, PKIND)
+        g = g + tl.load(h + 8) * _load_float(tl.load(row), e, valid, PKIND, ALIGNED)
     v = tl.load(h + 2) * v + tl.load(h + 3) * (g * g)
     a = tl.where((tl.abs(v) <= 3.4028234663852886e38) & valid, tl.abs(v), 0.0)
-    tl.atomic_max(_ptr(tl.load(r1 + 2), tl.float32) + i, a, mask=valid)
-    tl.atomic_max(_ptr(tl.load(r1 + 3), tl.float32) + jj, a, mask=valid)
+    tl.atomic_max(_ptr(tl.load(r1 + 2), tl.float32, False) + i, a, mask=valid)
+    tl.atomic_max(_ptr(tl.load(r1 + 3), tl.float32, False) + jj, a, mask=valid)
 
 
-_DEVICE_FUNCS = ("_max", "_ptr", "_load_float", "_rand16", "_store_param", "_decode_fp8", "_encode_fp8", "_nearest_code",
-                 "_decode", "_store_codes4", "_rank1_scale", "_quantize_store")
+_DEVICE_FUNCS = (
+    "_max",
+    "_ptr",
+    "_load_float",
+    "_rand16",
+    "_store_param",
+    "_decode_fp8",
+    "_encode_fp8",
+    "_nearest_code",
+    "_decode",
+    "_store_codes4",
+    "_rank1_scale",
+    "_quantize_store",
+)
 KERNELS = ("_adam_kernel", "_rank1_max_kernel")
 _kernels: dict[tuple[bool, str], object] = {}
 
@@ -337,13 +413,17 @@ def _book(kind: str, name: str | None, device: torch.device) -> Tensor:
             t = blockwise.codebook(name)
         else:
             table, meta = blockwise.encode_cell_table(name)
-            head = torch.tensor([meta["a_lo"], meta["a_hi"], meta["shift"], meta["ncells"]], dtype=torch.int32)
+            head = torch.tensor(
+                [meta["a_lo"], meta["a_hi"], meta["shift"], meta["ncells"]], dtype=torch.int32
+            )
             t = torch.cat([head, table])
         _books[key] = t.to(device)
     return _books[key]
 
 
-def _table(device: torch.device, static: tuple[tuple[int, ...], ...], bs: int, rows: int) -> tuple[Tensor, Tensor]:
+def _table(
+    device: torch.device, static: tuple[tuple[int, ...], ...], bs: int, rows: int
+) -> tuple[Tensor, Tensor]:
     """Device tensors of the static table and the program map (parameter, first block), cached."""
     key = (device, bs, rows, static)
     hit = _tables.get(key)
@@ -354,8 +434,10 @@ def _table(device: torch.device, static: tuple[tuple[int, ...], ...], bs: int, r
     for j, entry in enumerate(static):
         nb = -(-entry[5] // bs)
         progs += [(j, b) for b in range(0, nb, rows)]
-    hit = (torch.tensor(static, dtype=torch.int64).to(device),
-           torch.tensor(progs, dtype=torch.int64).reshape(-1, 2).to(device))
+    hit = (
+        torch.tensor(static, dtype=torch.int64).to(device),
+        torch.tensor(progs, dtype=torch.int64).reshape(-1, 2).to(device),
+    )
     _tables[key] = hit
     if len(_tables) > MAX_TABLES:
         _tables.popitem(last=False)
@@ -368,8 +450,18 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: StateFormat | None, block_size: int,
-         hyper: Tensor, seeds: list[int], maximize: bool, coupled: bool, stochastic: bool) -> None:
+def step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    fmt: StateFormat | None,
+    block_size: int,
+    hyper: Tensor,
+    seeds: list[int],
+    maximize: bool,
+    coupled: bool,
+    stochastic: bool,
+) -> None:
     """Update ``params`` (one device and dtype, contiguous) and their states with one kernel launch (rank-1
     normalized 4-bit state: a fill and two launches).
 
@@ -383,7 +475,12 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
         mode, books = FP32_MODE, (None, None)
     else:
         bs = block_size
-        keys = ("exp_avg_codes", f"{fmt.v_key}_codes", "exp_avg_scale", None if rank1 else f"{fmt.v_key}_scale")
+        keys = (
+            "exp_avg_codes",
+            f"{fmt.v_key}_codes",
+            "exp_avg_scale",
+            None if rank1 else f"{fmt.v_key}_scale",
+        )
         mode, books = fmt.mode, (fmt.m_codebook, fmt.v_codebook)
     block = triton.next_power_of_2(bs)
     rows = max(1, ELEMS // block)
@@ -391,8 +488,12 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
     if not live:
         return
     static = tuple(  # (rank-1 v: column 4 holds the number of columns)
-        (params[i].data_ptr(), *(states[i][k].data_ptr() if k else 0 for k in keys[:3]),
-         params[i].shape[-1] if rank1 else states[i][keys[3]].data_ptr() if keys[3] else 0, params[i].numel())
+        (
+            params[i].data_ptr(),
+            *(states[i][k].data_ptr() if k else 0 for k in keys[:3]),
+            params[i].shape[-1] if rank1 else states[i][keys[3]].data_ptr() if keys[3] else 0,
+            params[i].numel(),
+        )
         for i in live
     )
     table, progs = _table(device, static, bs, rows)
@@ -400,19 +501,33 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
     per_step = torch.zeros((len(live), STEP_COLS.value), dtype=torch.int64)
     per_step[:, 0] = torch.tensor([grads[i].data_ptr() for i in live], dtype=torch.int64)
     per_step[:, 1] = torch.tensor([seeds[i] & 0xFFFFFFFF for i in live], dtype=torch.int64)
-    per_step.view(torch.float32)[:, HYPER_SLOT.value:HYPER_SLOT.value + 9] = hyper[live]
+    per_step.view(torch.float32)[:, HYPER_SLOT.value : HYPER_SLOT.value + 9] = hyper[live]
     if rank1:  # new row / column scales: one buffer for the bucket, starting at the scale floor
         sizes = [(params[i].shape[0], params[i].shape[1]) for i in live]
-        fresh = torch.full((sum(r + c for r, c in sizes),), blockwise.SCALE_FLOOR, dtype=torch.float32,
-                           device=device)
+        fresh = torch.full(
+            (sum(r + c for r, c in sizes),), blockwise.SCALE_FLOOR, dtype=torch.float32, device=device
+        )
         new_rc, at = [], 0
         for r, c in sizes:
-            new_rc.append((fresh[at:at + r], fresh[at + r:at + r + c]))
+            new_rc.append((fresh[at : at + r], fresh[at + r : at + r + c]))
             at += r + c
-        per_step[:, RANK1_COL.value:RANK1_COL.value + 4] = torch.tensor(
-            [(states[i]["exp_avg_sq_row"].data_ptr(), states[i]["exp_avg_sq_col"].data_ptr(), nr.data_ptr(),
-              nc.data_ptr()) for i, (nr, nc) in zip(live, new_rc)], dtype=torch.int64)
+        per_step[:, RANK1_COL.value : RANK1_COL.value + 4] = torch.tensor(
+            [
+                (
+                    states[i]["exp_avg_sq_row"].data_ptr(),
+                    states[i]["exp_avg_sq_col"].data_ptr(),
+                    nr.data_ptr(),
+                    nc.data_ptr(),
+                )
+                for i, (nr, nc) in zip(live, new_rc)
+            ],
+            dtype=torch.int64,
+        )
     step_t = _to_device(per_step, device)
+    # every tensor the kernel streams starts on a 16-byte boundary (always, unless a parameter is a view at an
+    # odd offset) and has a multiple of 16 elements: then its loads and stores can be 16-byte vectors
+    streamed = [a for entry in static for a in entry[: 4 if rank1 else 5]] + per_step[:, 0].tolist()
+    aligned = all(a % 16 == 0 for a in streamed) and all(entry[5] % 16 == 0 for entry in static)
 
     interpret = device.type != "cuda"
     grid = (progs.shape[0],)
@@ -420,12 +535,38 @@ def step(params: list[Tensor], grads: list[Tensor], states: list[dict], fmt: Sta
     with _quiet_numpy() if interpret else torch.cuda.device(device):  # launch on the parameters' GPU
         if rank1:
             kernel(interpret, "_rank1_max_kernel")[grid](
-                table, step_t, step_t.view(torch.float32), progs, _book("q", books[1], device), bs,
-                PKIND=pkind, BLOCK=block, ROWS=rows, MAXIMIZE=bool(maximize), COUPLED=bool(coupled),
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                table,
+                step_t,
+                step_t.view(torch.float32),
+                progs,
+                _book("q", books[1], device),
+                bs,
+                PKIND=pkind,
+                BLOCK=block,
+                ROWS=rows,
+                MAXIMIZE=bool(maximize),
+                COUPLED=bool(coupled),
+                ALIGNED=aligned,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
             )
-        _launch(kernel(interpret)[grid], table, step_t, progs, books, device, bs, mode, params[0].dtype, block, rows,
-                maximize, coupled, stochastic)
+        _launch(
+            kernel(interpret)[grid],
+            table,
+            step_t,
+            progs,
+            books,
+            device,
+            bs,
+            mode,
+            params[0].dtype,
+            block,
+            rows,
+            maximize,
+            coupled,
+            stochastic,
+            aligned,
+        )
     if rank1:  # the new scales become the state (views of the bucket's buffer: no copy)
         for i, (nr, nc) in zip(live, new_rc):
             states[i]["exp_avg_sq_row"] = nr
@@ -438,13 +579,41 @@ def _quiet_numpy():
     return np.errstate(all="ignore")
 
 
-def _launch(launcher, table, step_t, progs, books, device, bs, mode, dtype, block, rows, maximize, coupled,
-            stochastic):
+def _launch(
+    launcher,
+    table,
+    step_t,
+    progs,
+    books,
+    device,
+    bs,
+    mode,
+    dtype,
+    block,
+    rows,
+    maximize,
+    coupled,
+    stochastic,
+    aligned,
+):
     launcher(
-        table, step_t, step_t.view(torch.float32), progs,
-        _book("q", books[0], device), _book("q", books[1], device),
-        _book("t", books[0], device), _book("t", books[1], device), bs,
-        MODE=mode, PKIND=_PKIND[dtype], BLOCK=block, ROWS=rows,
-        MAXIMIZE=bool(maximize), COUPLED=bool(coupled), SR=bool(stochastic and dtype == torch.bfloat16),
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        table,
+        step_t,
+        step_t.view(torch.float32),
+        progs,
+        _book("q", books[0], device),
+        _book("q", books[1], device),
+        _book("t", books[0], device),
+        _book("t", books[1], device),
+        bs,
+        MODE=mode,
+        PKIND=_PKIND[dtype],
+        BLOCK=block,
+        ROWS=rows,
+        MAXIMIZE=bool(maximize),
+        COUPLED=bool(coupled),
+        SR=bool(stochastic and dtype == torch.bfloat16),
+        ALIGNED=aligned,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )

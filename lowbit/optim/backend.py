@@ -37,7 +37,9 @@ def requested() -> str:
     """The value of ``LOWBIT_OPTIM_BACKEND`` (``auto`` when unset); ``ValueError`` for an unknown one."""
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{ENV}={os.environ.get(ENV)!r} is not a backend; valid values: {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"{ENV}={os.environ.get(ENV)!r} is not a backend; valid values: {', '.join(BACKENDS)}"
+        )
     return value
 
 
@@ -76,21 +78,25 @@ def _triton_supports(p: Tensor, g: Tensor) -> str | None:
 
 
 def choose(p: Tensor, g: Tensor, where: str) -> str:
-    """``"cpp"``, ``"triton"`` or ``"torch"`` for parameter ``p`` (named ``where`` in errors) and gradient ``g``."""
+    """``"cpp"``, ``"triton"`` or ``"torch"`` for parameter ``p`` (``where`` in errors), gradient ``g``."""
     want = requested()
     if want == "torch":
         return "torch"
     if want == "cpp":
         if not _cpu_kernel.supports(p, g):
-            raise ValueError(f"{ENV}=cpp: the C++ kernel cannot update {where} ({p.dtype} on {p.device}; it takes "
-                             "contiguous float32 / bfloat16 CPU tensors)")
+            raise ValueError(
+                f"{ENV}=cpp: the C++ kernel cannot update {where} ({p.dtype} on {p.device}; it takes "
+                "contiguous float32 / bfloat16 CPU tensors)"
+            )
         if _cpu_kernel.get() is None:
             raise ValueError(f"{ENV}=cpp: the C++ kernel could not be built ({_cpu_kernel.failure()})")
         return "cpp"
     if want == "triton":
         if not triton_available():
-            raise ValueError(f"{ENV}=triton: triton is not importable ({_triton_error}); "
-                             "install it with `pip install triton`")
+            raise ValueError(
+                f"{ENV}=triton: triton is not importable ({_triton_error}); "
+                "install it with `pip install triton`"
+            )
         why = _triton_supports(p, g)
         if why is not None:
             raise ValueError(f"{ENV}=triton: the Triton kernel cannot update {where}: {why}")
@@ -102,9 +108,12 @@ def choose(p: Tensor, g: Tensor, where: str) -> str:
         return "torch"
     if p.device.type == "cuda":
         if not triton_available():
-            _warn_once("triton", "lowbit.optim: Triton is not importable "
-                       f"({_triton_error}); CUDA parameters use the pure-torch step, which launches about "
-                       "twenty kernels per parameter. Install it with `pip install triton`.")
+            _warn_once(
+                "triton",
+                "lowbit.optim: Triton is not importable "
+                f"({_triton_error}); CUDA parameters use the pure-torch step, which launches about "
+                "twenty kernels per parameter. Install it with `pip install triton`.",
+            )
             return "torch"
         if _triton_supports(p, g) is None:
             return "triton"

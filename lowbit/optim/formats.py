@@ -111,7 +111,9 @@ def expected_layout(p: Tensor, fmt: StateFormat, block_size: int, min_quant_size
     return out
 
 
-def check_state(state: dict, p: Tensor, fmt: StateFormat, block_size: int, min_quant_size: int, where: str) -> None:
+def check_state(
+    state: dict, p: Tensor, fmt: StateFormat, block_size: int, min_quant_size: int, where: str
+) -> None:
     """Raise ``ValueError`` naming ``where`` if ``state`` does not have the expected layout."""
     want = expected_layout(p, fmt, block_size, min_quant_size)
     kind = "fp32"

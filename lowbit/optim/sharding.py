@@ -36,7 +36,8 @@ _warned: set[str] = set()
 
 
 def _chunk(length: int, parts: int, index: int) -> tuple[int, int]:
-    """Range of chunk ``index`` of ``length`` split ``torch.chunk``-style into ``parts`` (as DTensor's Shard)."""
+    """Range of chunk ``index`` of ``length`` split ``torch.chunk``-style into ``parts`` (as DTensor's
+    Shard)."""
     size = -(-length // parts) if parts else length
     return min(index * size, length), min((index + 1) * size, length)
 
@@ -83,8 +84,9 @@ def _state_placements(p: DTensor, kind: str, quantized: bool) -> list:
     return [Shard(0) if isinstance(pl, Shard) else Replicate() for pl in p.placements]
 
 
-def init_dtensor_state(p: DTensor, kind: str, fmt: StateFormat, block_size: int, min_quant_size: int,
-                       where: str) -> dict[str, Tensor]:
+def init_dtensor_state(
+    p: DTensor, kind: str, fmt: StateFormat, block_size: int, min_quant_size: int, where: str
+) -> dict[str, Tensor]:
     """Fresh state for DTensor ``p``: DTensors of the global format, laid out per ``kind``."""
     quantized = is_quantized(p, min_quant_size)
     if not quantized:
@@ -92,8 +94,14 @@ def init_dtensor_state(p: DTensor, kind: str, fmt: StateFormat, block_size: int,
         return {"step": torch.tensor(0.0), "exp_avg": z, "exp_avg_sq": z.clone()}
     if kind == "gather" and where not in _warned:
         _warned.add(where)
-        log.warning("%s (shape %s, placements %s): shards do not align with %d-element blocks; its optimizer "
-                    "state is replicated and its step all-gathers", where, list(p.shape), p.placements, block_size)
+        log.warning(
+            "%s (shape %s, placements %s): shards do not align with %d-element blocks; its optimizer "
+            "state is replicated and its step all-gathers",
+            where,
+            list(p.shape),
+            p.placements,
+            block_size,
+        )
     mesh, placements = p.device_mesh, _state_placements(p, kind, quantized)
     shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
     device = p.to_local().device
@@ -121,18 +129,26 @@ def _fill_value(fmt: StateFormat, key: str, block_size: int) -> int:
 
 
 def _shard(full: Tensor, mesh, placements) -> DTensor:
-    """This rank's part of ``full`` (the same on every rank) as a DTensor with ``placements``; local slicing."""
-    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, placements)
+    """This rank's part of ``full`` (the same on every rank) as a DTensor with ``placements``; local
+    slicing."""
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+        mesh, placements
+    )
 
 
-def localize_loaded_state(st: dict, p: DTensor, fmt: StateFormat, block_size: int, min_quant_size: int) -> dict:
+def localize_loaded_state(
+    st: dict, p: DTensor, fmt: StateFormat, block_size: int, min_quant_size: int
+) -> dict:
     """Turn plain (full) state tensors loaded into a DTensor parameter's state into DTensors of its plan."""
     kind = plan(p, fmt, block_size, min_quant_size)
     placements = _state_placements(p, kind, is_quantized(p, min_quant_size))
     device = p.to_local().device
-    return {k: _shard(v.to(device), p.device_mesh, placements)
-            if k != "step" and isinstance(v, Tensor) and not isinstance(v, DTensor) else v
-            for k, v in st.items()}
+    return {
+        k: _shard(v.to(device), p.device_mesh, placements)
+        if k != "step" and isinstance(v, Tensor) and not isinstance(v, DTensor)
+        else v
+        for k, v in st.items()
+    }
 
 
 def local_views(state: dict) -> dict:
@@ -147,5 +163,9 @@ def write_back_shard(p: DTensor, full: Tensor) -> None:
 
 def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state held by this process (any optimizer; DTensor state counts its local shard)."""
-    return sum(t.numel() * t.element_size()
-               for st in optimizer.state.values() for t in local_views(st).values() if isinstance(t, Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in local_views(st).values()
+        if isinstance(t, Tensor)
+    )

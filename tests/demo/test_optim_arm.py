@@ -30,11 +30,15 @@ def _expected_state_bytes(shapes, fmt: str) -> int:
 
 
 def test_run_optim_arm_rows(tmp_path, monkeypatch):
-    import lowbit.eval
-    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
+    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
 
-    assert OPTIMIZERS == {"AdamW (fp32)": "torch.optim.AdamW", "AdamW8bit": "lowbit.optim.AdamW8bit",
-                          "AdamW4bit": "lowbit.optim.AdamW4bit"}
+    import lowbit.eval
+
+    assert OPTIMIZERS == {
+        "AdamW (fp32)": "torch.optim.AdamW",
+        "AdamW8bit": "lowbit.optim.AdamW8bit",
+        "AdamW4bit": "lowbit.optim.AdamW4bit",
+    }
     two = {k: OPTIMIZERS[k] for k in ("AdamW (fp32)", "AdamW4bit")}  # the third run would only add time
 
     accuracy = {}
@@ -46,8 +50,9 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lowbit.eval, "evaluate", stand_in_evaluate)
     eval_file = write_jsonl(generate_hellaswag(num_items=6, seed=0), tmp_path / "eval.jsonl")
-    out = run_optim_arm(tmp_path, eval_file, [*SMALL_RUN, f"max_steps={STEPS}", "checkpoint_every=0"],
-                        optimizers=two)
+    out = run_optim_arm(
+        tmp_path, eval_file, [*SMALL_RUN, f"max_steps={STEPS}", "checkpoint_every=0"], optimizers=two
+    )
     rows = {r["name"]: r for r in out["rows"]}
     assert list(rows) == ["AdamW (fp32)", "AdamW4bit"]
 
@@ -64,14 +69,17 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     # same seed and data: the first loss (before any optimizer step) is the same, then the optimizers differ
     assert logged["AdamW4bit"][0] == logged["AdamW (fp32)"][0]
     assert logged["AdamW4bit"][1:] != logged["AdamW (fp32)"][1:]
-    assert (rows["AdamW4bit"]["loss_vs_adamw"]
-            == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1)
+    assert (
+        rows["AdamW4bit"]["loss_vs_adamw"]
+        == rows["AdamW4bit"]["final_loss"] / rows["AdamW (fp32)"]["final_loss"] - 1
+    )
 
     # state memory: exactly the layout of each optimizer over the model's parameter shapes
-    from lowbit.recipes.runner import run_recipe
+    from lowbit.recipes.cli import run_recipe
 
-    model = run_recipe("finetune_recipe", "tiny_pretrain",  # the schema wants max_steps >= 1; shapes only
-                       [*SMALL_RUN, "max_steps=1", f"output_dir={tmp_path / 'shapes'}"]).model
+    model = run_recipe(
+        "finetune_recipe", "tiny_pretrain", [*SMALL_RUN, "max_steps=1", f"output_dir={tmp_path / 'shapes'}"]
+    ).model
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     n = sum(math.prod(s) for s in shapes)
     for name, fmt in (("AdamW (fp32)", "fp32"), ("AdamW4bit", "4bit")):

@@ -21,13 +21,23 @@ def library() -> ctypes.CDLL:
     if _lib is None:
         if _cpu_kernel.get() is None:
             pytest.skip("CPU kernel unavailable")
-        _lib = _cpu_kernel.build_library(Path(__file__).parent / "csrc" / "kernel_testing.cpp", "lowbit_adam_test")
+        _lib = _cpu_kernel.build_library(
+            Path(__file__).parent / "csrc" / "kernel_testing.cpp", "lowbit_adam_test"
+        )
         _lib.lowbit_test_adam_step.restype = ctypes.c_int
         _lib.lowbit_test_adam_step.argtypes = [ctypes.POINTER(_cpu_kernel.StepArgs)] + [ctypes.c_int] * 3
         _lib.lowbit_encode_check.restype = ctypes.c_int64
         P = ctypes.c_void_p
-        _lib.lowbit_encode_check.argtypes = [ctypes.c_int, P, P, P, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int,
-                                             ctypes.POINTER(ctypes.c_uint32)]
+        _lib.lowbit_encode_check.argtypes = [
+            ctypes.c_int,
+            P,
+            P,
+            P,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_uint32),
+        ]
     return _lib
 
 
@@ -43,8 +53,9 @@ def use_variant(monkeypatch, scalar_only=False, table_encode=False, all_unsure=F
     monkeypatch.setattr(_cpu_kernel, "step", step)
 
 
-def encode_check(name: str, u_lo: int, u_hi: int, qmap: Tensor | None = None,
-                 no_fallback: bool = False) -> tuple[int, int]:
+def encode_check(
+    name: str, u_lo: int, u_hi: int, qmap: Tensor | None = None, no_fallback: bool = False
+) -> tuple[int, int]:
     """Compare the kernel's arithmetic encode with its cell-table encode on every finite fp32 bit pattern
     in ``[u_lo, u_hi)`` and its negative.
 
@@ -56,6 +67,14 @@ def encode_check(name: str, u_lo: int, u_hi: int, qmap: Tensor | None = None,
     q, table, meta = _cpu_kernel.codec_tables(name)
     q = q if qmap is None else qmap.float().contiguous()
     first = ctypes.c_uint32(0)
-    n = library().lowbit_encode_check(blockwise.codebook_bits(name), q.data_ptr(), table.data_ptr(), meta.data_ptr(),
-                                      u_lo, u_hi, int(no_fallback), ctypes.byref(first))
+    n = library().lowbit_encode_check(
+        blockwise.codebook_bits(name),
+        q.data_ptr(),
+        table.data_ptr(),
+        meta.data_ptr(),
+        u_lo,
+        u_hi,
+        int(no_fallback),
+        ctypes.byref(first),
+    )
     return int(n), int(first.value)

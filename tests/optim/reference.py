@@ -57,10 +57,14 @@ def _decode(codes: torch.Tensor, scale: np.ndarray, book: np.ndarray | None, bit
     c = codes.cpu().view(torch.uint8).numpy().astype(np.int64)
     if bits == 4:
         c = np.stack([c & 15, c >> 4], axis=1).reshape(-1)[:n]
-    vals = torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy() if book is None else book[c]
+    vals = (
+        torch.from_numpy(c.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
+        if book is None
+        else book[c]
+    )
     out = np.empty(n, dtype=f32)
     for b in range(scale.size):
-        out[b * bs:(b + 1) * bs] = vals[b * bs:(b + 1) * bs] * scale[b]
+        out[b * bs : (b + 1) * bs] = vals[b * bs : (b + 1) * bs] * scale[b]
     return out
 
 
@@ -70,7 +74,7 @@ def _encode(x: np.ndarray, book: np.ndarray | None, bits: int, bs: int):
     scales = np.empty(nb, dtype=f32)
     codes = np.empty(n, dtype=np.int64)
     for b in range(nb):
-        blk = x[b * bs:(b + 1) * bs]
+        blk = x[b * bs : (b + 1) * bs]
         fin = np.isfinite(blk)
         amax = f32(np.abs(blk[fin]).max()) if fin.any() else f32(0)
         scale = max(amax, f32(1e-30))
@@ -80,9 +84,11 @@ def _encode(x: np.ndarray, book: np.ndarray | None, bits: int, bs: int):
         y = np.where(fin, blk * inv, f32(0)).astype(f32)
         if book is None:
             y = np.clip(y, f32(-448.0), f32(448.0))
-            codes[b * bs:(b + 1) * bs] = torch.from_numpy(y).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            codes[b * bs : (b + 1) * bs] = (
+                torch.from_numpy(y).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            )
         else:
-            codes[b * bs:(b + 1) * bs] = nearest_codes(y, book)
+            codes[b * bs : (b + 1) * bs] = nearest_codes(y, book)
         scales[b] = scale
     if bits == 4:
         if n % 2:
@@ -129,9 +135,23 @@ BOOKS = {
 }
 
 
-def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, block_size: int, *, lr: float,
-                   betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool, maximize: bool,
-                   stochastic: bool = False, seed: int = 0, books: dict | None = None) -> tuple[torch.Tensor, dict]:
+def reference_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: dict,
+    fmt: str,
+    block_size: int,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    stochastic: bool = False,
+    seed: int = 0,
+    books: dict | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Return ``(new_param, new_state)``; ``state`` as lowbit.optim stores it (codes+scales or fp32)."""
     step = float(state["step"]) + 1
     b1, b2 = betas
@@ -154,8 +174,12 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
         qv = None if vb is None else books[vb]
         M = _decode(state["exp_avg_codes"], state["exp_avg_scale"].cpu().numpy(), qm, bits, n, block_size)
         if rank1:
-            V = _decode_rank1(state["exp_avg_sq_codes"], state["exp_avg_sq_row"].cpu().numpy(),
-                              state["exp_avg_sq_col"].cpu().numpy(), qv)
+            V = _decode_rank1(
+                state["exp_avg_sq_codes"],
+                state["exp_avg_sq_row"].cpu().numpy(),
+                state["exp_avg_sq_col"].cpu().numpy(),
+                qv,
+            )
         else:
             V = _decode(state[f"{vkey}_codes"], state[f"{vkey}_scale"].cpu().numpy(), qv, bits, n, block_size)
         if fmt == "fp8":  # stored: sqrt(v)
@@ -181,8 +205,9 @@ def reference_step(p: torch.Tensor, g: torch.Tensor, state: dict, fmt: str, bloc
             new_state["exp_avg_codes"], new_state["exp_avg_scale"] = _encode(M, qm, bits, block_size)
             stored = np.sqrt(V) if fmt == "fp8" else V
             if rank1:
-                (new_state["exp_avg_sq_codes"], new_state["exp_avg_sq_row"],
-                 new_state["exp_avg_sq_col"]) = _encode_rank1(V.reshape(p.shape[0], p.shape[1]), qv)
+                (new_state["exp_avg_sq_codes"], new_state["exp_avg_sq_row"], new_state["exp_avg_sq_col"]) = (
+                    _encode_rank1(V.reshape(p.shape[0], p.shape[1]), qv)
+                )
             else:
                 new_state[f"{vkey}_codes"], new_state[f"{vkey}_scale"] = _encode(stored, qv, bits, block_size)
     else:

@@ -39,7 +39,11 @@ def test_encode_around_thresholds(kernel, name):
 @pytest.mark.parametrize("name", BOOKS)
 def test_encode_strided_sweep(kernel, name):
     # the range the kernel encodes (|x| <= ~1), in 64 windows of 64K patterns, then up to inf
-    for b in np.linspace(0, ONE + 64, 64).astype(np.int64).tolist() + [0x40000000, 0x5F000000, FINITE - 65536]:
+    for b in np.linspace(0, ONE + 64, 64).astype(np.int64).tolist() + [
+        0x40000000,
+        0x5F000000,
+        FINITE - 65536,
+    ]:
         n, first = _check(kernel, name, b, min(FINITE, b + 65536))
         assert n == 0, f"{name}: {n} mismatches in window {b:#x}, first {first:#x}"
 
@@ -85,10 +89,14 @@ def test_step_arith_vs_table_encode(kernel, monkeypatch, cls, mode):
     outs = []
     for alt in (False, True):
         if alt:
-            kernel_testing.use_variant(monkeypatch, table_encode=mode == "table", all_unsure=mode == "all_unsure")
+            kernel_testing.use_variant(
+                monkeypatch, table_encode=mode == "table", all_unsure=mode == "all_unsure"
+            )
         sizes = [4099, 4096, 3000]  # a partial last block, whole blocks (pipelined path only), both
-        ps = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(k)) * s)
-              for k, (n, s) in enumerate(zip(sizes, scales))]
+        ps = [
+            torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(k)) * s)
+            for k, (n, s) in enumerate(zip(sizes, scales))
+        ]
         opt = cls(ps, lr=1e-2, weight_decay=0.1, min_quant_size=16)
         for step in range(4):
             g.manual_seed(step)
@@ -97,7 +105,9 @@ def test_step_arith_vs_table_encode(kernel, monkeypatch, cls, mode):
                 gr[::7] = 0.0
                 p.grad = gr
             opt.step()
-        outs.append(([p.detach().clone() for p in ps], [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]))
+        outs.append(
+            ([p.detach().clone() for p in ps], [{k: v.clone() for k, v in opt.state[p].items()} for p in ps])
+        )
     (pa, sa), (pb, sb) = outs
     for x, y in zip(pa, pb):
         assert torch.equal(x.view(torch.int32), y.view(torch.int32))

@@ -61,8 +61,13 @@ def test_small_tensors_keep_fp32_state_and_match_torch_adamw():
 def test_param_groups_per_group_hparams_tensor_lr_scheduler_add_param_group():
     m = _model()
     opt = lo.AdamW8bit(
-        [{"params": m[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": m[2].weight, "weight_decay": 0.0}],
-        lr=1e-3, weight_decay=0.5, min_quant_size=1024,
+        [
+            {"params": m[0].parameters(), "lr": torch.tensor(1e-2)},
+            {"params": m[2].weight, "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+        weight_decay=0.5,
+        min_quant_size=1024,
     )
     assert opt.param_groups[0]["weight_decay"] == 0.5 and opt.param_groups[1]["lr"] == 1e-3
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -177,7 +182,8 @@ def test_bad_params_and_grads():
         lo.AdamW8bit([torch.zeros(4, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"param_groups\[1\].*beta1"):
         lo.AdamW8bit([torch.nn.Parameter(torch.zeros(4))]).add_param_group(
-            {"params": [torch.nn.Parameter(torch.zeros(4))], "betas": (1.5, 0.9)})
+            {"params": [torch.nn.Parameter(torch.zeros(4))], "betas": (1.5, 0.9)}
+        )
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = lo.AdamW8bit(emb.parameters())
     emb(torch.tensor([1, 2])).sum().backward()
@@ -204,8 +210,20 @@ def test_non_finite_gradient_is_isolated(cls, books):
     opt.step()
     # other blocks of p and parameter q: exactly as the reference computes them
     fmt = {lo.AdamW8bit: "8bit", lo.AdamW4bit: "4bit", lo.AdamWFp8: "fp8"}[cls]
-    ref_p, ref_s = reference_step(p0, g, before, fmt, block, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=1e-2, decoupled=True, maximize=False, books=books)
+    ref_p, ref_s = reference_step(
+        p0,
+        g,
+        before,
+        fmt,
+        block,
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        decoupled=True,
+        maximize=False,
+        books=books,
+    )
     assert bits_equal(p.data, ref_p) and all(bits_equal(opt.state[p][k], v) for k, v in ref_s.items())
     bad = torch.zeros(p.numel(), dtype=torch.bool)
     bad[3 * block + 5] = bad[3 * block + 9] = True
@@ -218,13 +236,17 @@ def test_non_finite_gradient_is_isolated(cls, books):
     assert torch.isfinite(p.data[~bad]).all()
 
 
-@pytest.mark.parametrize("cls,code_bytes,block", [(lo.AdamW8bit, 1.0, 256), (lo.AdamWFp8, 1.0, 256),
-                                                   (lo.AdamW4bit, 0.5, 128)])
+@pytest.mark.parametrize(
+    "cls,code_bytes,block", [(lo.AdamW8bit, 1.0, 256), (lo.AdamWFp8, 1.0, 256), (lo.AdamW4bit, 0.5, 128)]
+)
 def test_state_bytes_per_param(cls, code_bytes, block):
     # the documented layout: two code arrays and two fp32 scales per block for tensors >= min_quant_size,
     # fp32 m and v below it, a 4-byte step for every parameter
-    ps = [torch.nn.Parameter(torch.randn(1024, 1024)), torch.nn.Parameter(torch.randn(999, 7)),
-          torch.nn.Parameter(torch.randn(100))]
+    ps = [
+        torch.nn.Parameter(torch.randn(1024, 1024)),
+        torch.nn.Parameter(torch.randn(999, 7)),
+        torch.nn.Parameter(torch.randn(100)),
+    ]
     opt = cls(ps, lr=1e-3)
     for p in ps:
         p.grad = torch.randn_like(p)
@@ -290,7 +312,10 @@ def test_second_moment_flushed_to_zero_gives_no_step():
     g[0], g[1] = 1.0, 1e-4
     p.grad = g
     opt.step()
-    assert opt.state[p]["exp_avg_codes"].view(torch.uint8)[1] != opt.state[p]["exp_avg_codes"].view(torch.uint8)[2]
+    assert (
+        opt.state[p]["exp_avg_codes"].view(torch.uint8)[1]
+        != opt.state[p]["exp_avg_codes"].view(torch.uint8)[2]
+    )
     p.grad = torch.zeros(512)
     opt.step()
     assert abs(p.data[1].item()) <= 1.1e-3  # the first step's -lr * sign(g), and nothing after

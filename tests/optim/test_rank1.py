@@ -16,8 +16,10 @@ SHAPES = [(64, 67), (33, 128), (5, 1000), (257,)]  # 2-D quantized (odd sizes), 
 
 def _params(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=g) * sc).to(dtype))
-            for s, sc in zip(SHAPES, [1.0, 0.02, 3.0, 0.5])]
+    return [
+        torch.nn.Parameter((torch.randn(s, generator=g) * sc).to(dtype))
+        for s, sc in zip(SHAPES, [1.0, 0.02, 3.0, 0.5])
+    ]
 
 
 def _grads(params, step):
@@ -51,16 +53,32 @@ def test_rank1_matches_reference(impl, dtype, coupled, books, monkeypatch):
             p.grad = g
         opt.step()
         if ref_s is None:
-            ref_s = [{k: (v.clone() if k.endswith("_codes") else torch.zeros_like(v)) for k, v in opt.state[p].items()}
-                     for p in params]
+            ref_s = [
+                {
+                    k: (v.clone() if k.endswith("_codes") else torch.zeros_like(v))
+                    for k, v in opt.state[p].items()
+                }
+                for p in params
+            ]
             for s_ in ref_s:
                 s_["step"] = torch.tensor(0.0)
                 for k in ("exp_avg_codes", "exp_avg_sq_codes"):
-                    if k in s_:  # fresh codes: dynamic map's 0 (index 7) for m, code 0 of the linear map for v
+                    if (
+                        k in s_
+                    ):  # fresh codes: dynamic map's 0 (index 7) for m, code 0 of the linear map for v
                         s_[k] = torch.full_like(s_[k], 7 | 7 << 4 if k == "exp_avg_codes" else 0)
         for k, p in enumerate(params):
-            ref_p[k], ref_s[k] = reference_step(ref_p[k], grads[k], ref_s[k], "4bit", 128, **hp,
-                                                decoupled=not coupled, maximize=False, books=books)
+            ref_p[k], ref_s[k] = reference_step(
+                ref_p[k],
+                grads[k],
+                ref_s[k],
+                "4bit",
+                128,
+                **hp,
+                decoupled=not coupled,
+                maximize=False,
+                books=books,
+            )
             assert bits_equal(p.data, ref_p[k]), f"param {SHAPES[k]} step {step}"
             assert set(opt.state[p]) == set(ref_s[k])
             for key, v in ref_s[k].items():
@@ -71,16 +89,27 @@ def test_rank1_matches_reference(impl, dtype, coupled, books, monkeypatch):
 def test_rank1_state_is_smaller_and_falls_back_naming_the_parameter():
     w = torch.nn.Parameter(torch.randn(256, 512))
     conv = torch.nn.Parameter(torch.randn(16, 16, 3, 3, 3))  # 3-D+: blockwise, said once
-    with pytest.warns(UserWarning, match=r"v_norm='rank1' does not apply to parameter 'conv'.*5-D.*blockwise"):
+    with pytest.warns(
+        UserWarning, match=r"v_norm='rank1' does not apply to parameter 'conv'.*5-D.*blockwise"
+    ):
         opt = lo.AdamW4bit([("w", w), ("conv", conv)], lr=1e-3, v_norm="rank1")
         for _ in range(2):
             w.grad, conv.grad = torch.randn_like(w), torch.randn_like(conv)
             opt.step()
-    assert set(opt.state[conv]) == {"step", "exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale"}
+    assert set(opt.state[conv]) == {
+        "step",
+        "exp_avg_codes",
+        "exp_avg_scale",
+        "exp_avg_sq_codes",
+        "exp_avg_sq_scale",
+    }
     st = opt.state[w]
     assert st["exp_avg_sq_row"].shape == (256,) and st["exp_avg_sq_col"].shape == (512,)
     blockwise = 2 * (256 * 512 // 128)  # bytes saved: v's block scales replaced by row + column scales
-    assert sum(t.numel() * t.element_size() for t in st.values()) == 256 * 512 + 4 * (blockwise // 2 + 256 + 512) + 4
+    assert (
+        sum(t.numel() * t.element_size() for t in st.values())
+        == 256 * 512 + 4 * (blockwise // 2 + 256 + 512) + 4
+    )
     with pytest.raises(ValueError, match="4-bit optimizers only"):
         lo.AdamW8bit([w], v_norm="rank1")
     with pytest.raises(ValueError, match="v_norm must be"):
@@ -114,7 +143,9 @@ def test_rank1_state_dict_resumes_and_other_layout_fails_naming_keys():
         assert bits_equal(a, b)
 
     blockwise = lo.AdamW4bit([("w", qs[0]), ("b", qs[1])], lr=1e-2, min_quant_size=1000)
-    with pytest.raises(ValueError, match=r"parameter 'w'.*4bit \(block_size.*exp_avg_sq_scale.*exp_avg_sq_col"):
+    with pytest.raises(
+        ValueError, match=r"parameter 'w'.*4bit \(block_size.*exp_avg_sq_scale.*exp_avg_sq_col"
+    ):
         blockwise.load_state_dict(sd)
     blockwise_sd = blockwise.state_dict()
     run(blockwise, qs, 1, 3)

@@ -17,12 +17,23 @@ from tests.conftest import free_port
 
 WORLD = 2
 # (shape, placement dim): aligned row shards, misaligned ones, an empty shard, a column shard, fp32 state
-CASES = [((64, 128), 0), ((33, 256), 0), ((100, 50), 0), ((3, 4096), 0), ((1, 8192), 0), ((256, 64), 1),
-         ((10, 10), 0), ((4097,), 0)]
+CASES = [
+    ((64, 128), 0),
+    ((33, 256), 0),
+    ((100, 50), 0),
+    ((3, 4096), 0),
+    ((1, 8192), 0),
+    ((256, 64), 1),
+    ((10, 10), 0),
+    ((4097,), 0),
+]
 # where each rank's 8-bit state lives (block 256, 2 ranks, torch.chunk-style row shards):
 LOCAL_STATE = {
     (64, 128): True,  # 32 rows = 4096 elements = 16 blocks per rank: the state splits with the rows
-    (33, 256): False,  # rows 17 / 16: rank 0 holds 17 blocks, but a 2-way chunk of 33 blocks gives it 17 and of
+    (
+        33,
+        256,
+    ): False,  # rows 17 / 16: rank 0 holds 17 blocks, but a 2-way chunk of 33 blocks gives it 17 and of
     #                    the 8448 codes 4224 (not 17 * 256): the state cannot split like the rows
     (100, 50): False,  # 50 rows = 2500 elements: rank 1 starts inside a block
     (3, 4096): False,  # rows 2 / 1: rank 0 holds 32 of 48 blocks, a 2-way chunk gives 24
@@ -64,8 +75,9 @@ def _full(v):
     if not isinstance(v, DTensor):
         return v
     if v.dtype == torch.float8_e4m3fn:
-        as_bytes = DTensor.from_local(v.to_local().view(torch.uint8), v.device_mesh, v.placements,
-                                      shape=v.shape, stride=v.stride())
+        as_bytes = DTensor.from_local(
+            v.to_local().view(torch.uint8), v.device_mesh, v.placements, shape=v.shape, stride=v.stride()
+        )
         return as_bytes.full_tensor().view(v.dtype)
     return v.full_tensor()
 
@@ -82,8 +94,10 @@ def _worker(rank, port, out_dir, arms):
         for name, backend in arms:
             os.environ["LOWBIT_OPTIM_BACKEND"] = backend
             cls = OPTIMS[name]
-            params = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)]))
-                      for t, (_, d) in zip(_params(), CASES)]
+            params = [
+                torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)]))
+                for t, (_, d) in zip(_params(), CASES)
+            ]
             opt = cls(params, lr=1e-2, weight_decay=0.1)
             history = []
             for step in range(STEPS):
@@ -92,25 +106,32 @@ def _worker(rank, port, out_dir, arms):
                 opt.step()
                 history.append([p.full_tensor() for p in params])
             state = [{k: _full(v) for k, v in opt.state[p].items()} for p in params]
-            local_bytes = [sum(t.to_local().numel() * t.element_size() for k, t in opt.state[p].items()
-                               if k != "step") for p in params]
+            local_bytes = [
+                sum(t.to_local().numel() * t.element_size() for k, t in opt.state[p].items() if k != "step")
+                for p in params
+            ]
             # a full single-process state dict loads into the sharded optimizer and steps identically
             os.environ["LOWBIT_OPTIM_BACKEND"] = "auto"
             ref_history, ref_opt = _single_process(name)
             os.environ["LOWBIT_OPTIM_BACKEND"] = backend
-            params2 = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)]))
-                       for t, (_, d) in zip(ref_history[-1], CASES)]
+            params2 = [
+                torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(d)]))
+                for t, (_, d) in zip(ref_history[-1], CASES)
+            ]
             opt2 = cls(params2, lr=1e-2, weight_decay=0.1)
             opt2.load_state_dict(ref_opt.state_dict())
             for p, g, (_, d) in zip(params2, _grads(STEPS), CASES):
                 p.grad = distribute_tensor(g, mesh, [Shard(d)])
             opt2.step()
-            results[name, backend] = {"history": history, "state": state, "local_bytes": local_bytes,
-                             "after_load": [p.full_tensor() for p in params2]}
+            results[name, backend] = {
+                "history": history,
+                "state": state,
+                "local_bytes": local_bytes,
+                "after_load": [p.full_tensor() for p in params2],
+            }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
 
 
 def _has_triton() -> bool:
@@ -132,7 +153,9 @@ def sharded_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
 @pytest.mark.parametrize("name,backend", ARMS)
 def test_sharded_step_is_bit_identical_to_one_process(name, backend, sharded_results):
     """Each rank's shards, stepped by the default backend (or the Triton kernels), equal one process."""
@@ -147,11 +170,10 @@ def test_sharded_step_is_bit_identical_to_one_process(name, backend, sharded_res
             ref_st = ref_opt.state[p]
             assert set(st) == set(ref_st), CASES[i]
             for k in st:
-                assert st[k].dtype == ref_st[k].dtype and torch.equal(st[k].view(torch.uint8) if st[k].dtype ==
-                                                                      torch.float8_e4m3fn else st[k],
-                                                                      ref_st[k].view(torch.uint8) if
-                                                                      ref_st[k].dtype == torch.float8_e4m3fn
-                                                                      else ref_st[k]), (CASES[i], k)
+                assert st[k].dtype == ref_st[k].dtype and torch.equal(
+                    st[k].view(torch.uint8) if st[k].dtype == torch.float8_e4m3fn else st[k],
+                    ref_st[k].view(torch.uint8) if ref_st[k].dtype == torch.float8_e4m3fn else ref_st[k],
+                ), (CASES[i], k)
 
     # one more reference step from the loaded state
     params = [torch.nn.Parameter(t.clone()) for t in ref_history[-1]]
@@ -165,11 +187,15 @@ def test_sharded_step_is_bit_identical_to_one_process(name, backend, sharded_res
             assert torch.equal(a, b.detach()), f"after loading a full state dict: rank {r} param {CASES[i]}"
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
 def test_aligned_shards_hold_half_the_state(sharded_results):
     _, ref_opt = _single_process("AdamW8bit")
-    ref_bytes = [sum(t.numel() * t.element_size() for k, t in ref_opt.state[p].items() if k != "step")
-                 for p in ref_opt.param_groups[0]["params"]]
+    ref_bytes = [
+        sum(t.numel() * t.element_size() for k, t in ref_opt.state[p].items() if k != "step")
+        for p in ref_opt.param_groups[0]["params"]
+    ]
     for i, (shape, _) in enumerate(CASES):
         per_rank = [sharded_results[r]["AdamW8bit", "auto"]["local_bytes"][i] for r in range(WORLD)]
         if LOCAL_STATE[shape]:  # each rank holds its half

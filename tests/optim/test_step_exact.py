@@ -12,8 +12,12 @@ from . import kernel_testing
 from .reference import bits_equal, reference_step
 
 CLASSES = {
-    ("8bit", True): lo.AdamW8bit, ("4bit", True): lo.AdamW4bit, ("fp8", True): lo.AdamWFp8,
-    ("8bit", False): lo.Adam8bit, ("4bit", False): lo.Adam4bit, ("fp8", False): lo.AdamFp8,
+    ("8bit", True): lo.AdamW8bit,
+    ("4bit", True): lo.AdamW4bit,
+    ("fp8", True): lo.AdamWFp8,
+    ("8bit", False): lo.Adam8bit,
+    ("4bit", False): lo.Adam4bit,
+    ("fp8", False): lo.AdamFp8,
 }
 # sizes around block multiples, odd sizes, multi-dim; (257,) stays fp32 (min_quant_size=300)
 SHAPES = [(4096,), (4097,), (64, 65), (3, 100, 7), (257,), (1003,)]
@@ -39,8 +43,20 @@ def _grads(params, step, seed, nonfinite=False):
     return out
 
 
-def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, monkeypatch, steps=3, seed=0,
-         nonfinite=False):
+def _run(
+    impl,
+    fmt,
+    decoupled,
+    dtype,
+    block_size,
+    stochastic,
+    maximize,
+    books,
+    monkeypatch,
+    steps=3,
+    seed=0,
+    nonfinite=False,
+):
     """Train the SHAPES parameters with backend ``impl`` and compare every step with the reference."""
     if impl == "torch":
         monkeypatch.setenv("LOWBIT_OPTIM_BACKEND", "torch")
@@ -57,8 +73,14 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
     hp = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     params = _make_params(dtype, seed)
     ref_p = [p.detach().clone() for p in params]
-    opt = CLASSES[(fmt, decoupled)](params, **hp, maximize=maximize, block_size=block_size, min_quant_size=300,
-                                    bf16_stochastic_round=stochastic)
+    opt = CLASSES[(fmt, decoupled)](
+        params,
+        **hp,
+        maximize=maximize,
+        block_size=block_size,
+        min_quant_size=300,
+        bf16_stochastic_round=stochastic,
+    )
     ref_s = None
     for step in range(steps):
         grads = _grads(params, step, seed, nonfinite)
@@ -66,8 +88,13 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
             p.grad = g
         opt.step()
         if ref_s is None:  # fresh state as the optimizer created it (all-zero moments)
-            ref_s = [{k: v.clone() if k.endswith("_codes") else torch.zeros_like(v)
-                      for k, v in opt.state[p].items()} for p in params]
+            ref_s = [
+                {
+                    k: v.clone() if k.endswith("_codes") else torch.zeros_like(v)
+                    for k, v in opt.state[p].items()
+                }
+                for p in params
+            ]
             for s in ref_s:
                 s["step"] = torch.tensor(0.0)
             _reset_codes(ref_s, fmt)
@@ -76,12 +103,24 @@ def _run(impl, fmt, decoupled, dtype, block_size, stochastic, maximize, books, m
             quant = p.numel() >= 300
             sd = SEEDS[j_q] if quant else SEEDS[j_f]
             j_q, j_f = (j_q + 1, j_f) if quant else (j_q, j_f + 1)
-            ref_p[k], ref_s[k] = reference_step(ref_p[k], grads[k], ref_s[k], fmt, block_size, **hp,
-                                                decoupled=decoupled, maximize=maximize, stochastic=stochastic,
-                                                seed=sd, books=books)
+            ref_p[k], ref_s[k] = reference_step(
+                ref_p[k],
+                grads[k],
+                ref_s[k],
+                fmt,
+                block_size,
+                **hp,
+                decoupled=decoupled,
+                maximize=maximize,
+                stochastic=stochastic,
+                seed=sd,
+                books=books,
+            )
             assert bits_equal(p.data, ref_p[k]), f"{impl}: param {k} shape {SHAPES[k]} differs at step {step}"
             for key, v in ref_s[k].items():
-                assert bits_equal(opt.state[p][key], v), f"{impl}: state {key} of param {k} differs, step {step}"
+                assert bits_equal(opt.state[p][key], v), (
+                    f"{impl}: state {key} of param {k} differs, step {step}"
+                )
 
 
 def _reset_codes(states, fmt):
@@ -93,7 +132,8 @@ def _reset_codes(states, fmt):
     for s in states:
         if "exp_avg_codes" in s:
             s["exp_avg_codes"] = torch.full_like(s["exp_avg_codes"].view(torch.uint8), zero[0]).view(
-                s["exp_avg_codes"].dtype)
+                s["exp_avg_codes"].dtype
+            )
             vkey = "exp_avg_sqrt_codes" if fmt == "fp8" else "exp_avg_sq_codes"
             s[vkey] = torch.full_like(s[vkey].view(torch.uint8), zero[1]).view(s[vkey].dtype)
 
@@ -102,8 +142,17 @@ def _reset_codes(states, fmt):
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("impl", ["kernel", "kernel_scalar", "torch"])
 def test_fp32_params_match_reference(fmt, decoupled, impl, books, monkeypatch):
-    _run(impl, fmt, decoupled, torch.float32, {"8bit": 256, "4bit": 128, "fp8": 256}[fmt], False, False, books,
-         monkeypatch)
+    _run(
+        impl,
+        fmt,
+        decoupled,
+        torch.float32,
+        {"8bit": 256, "4bit": 128, "fp8": 256}[fmt],
+        False,
+        False,
+        books,
+        monkeypatch,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])

@@ -52,8 +52,10 @@ def _train(model, opt, steps, seed):
         opt.step()
 
 
-@pytest.mark.parametrize("cls,first,second", [(lo.AdamW8bit, "triton", "cpp"), (lo.AdamW4bit, "cpp", "triton"),
-                                              (lo.AdamWFp8, "torch", "triton")])
+@pytest.mark.parametrize(
+    "cls,first,second",
+    [(lo.AdamW8bit, "triton", "cpp"), (lo.AdamW4bit, "cpp", "triton"), (lo.AdamWFp8, "torch", "triton")],
+)
 def test_state_dict_resumes_on_another_backend(cls, first, second, monkeypatch):
     if "cpp" in (first, second) and _cpu_kernel.get() is None:
         pytest.skip("CPU kernel unavailable")
@@ -109,8 +111,9 @@ def test_one_launch_per_bucket_and_no_respecialization(monkeypatch):
         _train(m, opt, 1, seed=step)
         sched.step()
         assert len(launches) == 4 * (step + 1), launches
-    # another model shape: same specializations as before
-    m2 = torch.nn.Sequential(torch.nn.Linear(48, 100), torch.nn.GELU(), torch.nn.Linear(100, 64))
+    # other shapes (sizes still multiples of 16, which the ALIGNED specialization depends on): same
+    # specializations as before
+    m2 = torch.nn.Sequential(torch.nn.Linear(48, 112), torch.nn.GELU(), torch.nn.Linear(112, 64))
     seen = {key for _, key in launches}
     opt2 = lo.AdamW8bit(m2.parameters(), lr=3e-3, min_quant_size=1024)
     x = torch.randn(4, 48)
@@ -153,22 +156,46 @@ def test_compiled_kernel_has_exact_fp32_ops():
     try:
         k = _triton_step.kernel(interpret=False)
         sig = {n: "*i64" for n in ("static_ptr", "step_ptr", "prog_ptr")}
-        sig.update({n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32")
+        sig.update(
+            {n: "*fp32" for n in ("hyper_ptr", "qm_ptr", "qv_ptr")}, tm_ptr="*i32", tv_ptr="*i32", bs="i32"
+        )
+        sig_names = list(k.arg_names) if hasattr(k, "arg_names") else list(sig)
+        sig = {n: sig[n] for n in sig_names if n in sig}
         ptx = {}
         for mode, pkind, sr in [(0, 0, False), (1, 1, True), (2, 2, False), (3, 1, False), (4, 1, True)]:
             block = 128 if mode in (2, 4) else 256
-            const = dict(MODE=mode, PKIND=pkind, BLOCK=block, ROWS=_triton_step.ELEMS // block, MAXIMIZE=True,
-                         COUPLED=True, SR=sr)
-            src = ASTSource(fn=k, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
-            ptx[mode] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                       options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
+            const = dict(
+                MODE=mode,
+                PKIND=pkind,
+                BLOCK=block,
+                ROWS=_triton_step.ELEMS // block,
+                MAXIMIZE=True,
+                COUPLED=True,
+                SR=sr,
+                ALIGNED=True,
+            )
+            src = ASTSource(
+                fn=k,
+                signature={**sig, **dict.fromkeys(const, "constexpr")},
+                constexprs=const,
+                attrs={(sig_names.index("bs"),): [["tt.divisibility", 16]]},
+            )  # as a launch does
+            ptx[mode] = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": 8}
+            ).asm["ptx"]
         r1 = _triton_step.kernel(interpret=False, name="_rank1_max_kernel")
-        const = dict(PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True)
-        sig1 = {**{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
-                **dict.fromkeys(const, "constexpr")}
-        ptx["rank1 pass 1"] = triton.compile(ASTSource(fn=r1, signature=sig1, constexprs=const),
-                                             target=GPUTarget("cuda", 90, 32),
-                                             options={"enable_fp_fusion": False, "num_warps": 8}).asm["ptx"]
+        const = dict(
+            PKIND=1, BLOCK=128, ROWS=_triton_step.ELEMS // 128, MAXIMIZE=True, COUPLED=True, ALIGNED=True
+        )
+        sig1 = {
+            **{k: sig[k] for k in ("static_ptr", "step_ptr", "hyper_ptr", "prog_ptr", "qv_ptr", "bs")},
+            **dict.fromkeys(const, "constexpr"),
+        }
+        ptx["rank1 pass 1"] = triton.compile(
+            ASTSource(fn=r1, signature=sig1, constexprs=const),
+            target=GPUTarget("cuda", 90, 32),
+            options={"enable_fp_fusion": False, "num_warps": 8},
+        ).asm["ptx"]
     except Exception as e:  # no CUDA toolchain in this triton build
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {e}")
     for mode, text in ptx.items():
@@ -178,6 +205,8 @@ def test_compiled_kernel_has_exact_fp32_ops():
         assert not any(o.startswith("rcp") for o in fp), fp
         if mode != "rank1 pass 1":
             assert "div.rn.f32" in fp and "sqrt.rn.f32" in fp, fp
+            # aligned tensors: parameters, gradients and codes move as 16-byte vectors
+            assert any(o.startswith(("ld.global.v4", "ld.global.v2")) for o in ops), (mode, sorted(ops))
 
 
 def test_bad_backend_name(monkeypatch):
