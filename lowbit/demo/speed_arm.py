@@ -32,8 +32,7 @@ def run_speed_arm(model_or_preset: str | nn.Module, schemes: list[str] | str, wo
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
-    parse_schemes(",".join(schemes))
+    schemes = parse_schemes(schemes if isinstance(schemes, str) else ",".join(schemes))
     rows, desc = [], ""
     if baseline:
         rows, desc = bench_rows(model_or_preset, ["none"], modes=("eager",), prompt_len=prompt_len,
