@@ -22,13 +22,15 @@ TRAIN = [*SMALL_RUN, "max_steps=2", "checkpoint_every=0"]
 OVERRIDES = {  # command prefix -> arguments appended (later flags and key=value pairs win)
     ("tune", "run"): TRAIN,
     ("lowbit", "run"): TRAIN,
-    ("lowbit", "eval"): ["--limit", "4"],
+    ("lowbit", "eval"): ["--limit", "4", "--kl-windows", "1"],
     ("lowbit", "data"): ["--num-docs", "16", "--num-items", "8"],
+    ("lowbit", "data", "cloze"): ["--num-items", "8"],
+    ("lowbit", "convert"): [],
     ("lowbit", "bench"): ["--preset", "tiny", "--eager", "--prompt-len", "4", "--decode-tokens", "2",
                           "--repeats", "1", "--no-profile"],
 }
-# `make demo`, smaller: the base run and its evaluation, no arms
-MAKE_DEMO = ["lowbit", "demo", "--steps", "2", "--arms", "none", "--items", "8"]
+# `make demo` runs on SmolLM2 (tests/demo/test_smollm2_demo.py); the tiny demo, smaller, stands in here
+MAKE_DEMO = ["lowbit", "demo", "--model", "tiny", "--steps", "2", "--arms", "none", "--items", "8"]
 
 
 def quickstart_commands(readme: str) -> list[str]:
@@ -67,10 +69,10 @@ def test_quickstart_parser_finds_the_commands():
     assert quickstart_commands(text) == ["lowbit run a    b=1"]
 
 
-@pytest.mark.slow  # ~2 minutes: eight commands, three lm-eval evaluations
+@pytest.mark.slow  # a few minutes: eleven commands, five lm-eval evaluations (two on SmolLM2)
 def test_readme_quickstart_commands_run(tmp_path, monkeypatch):
     commands = quickstart_commands((ROOT / "README.md").read_text())
-    assert any(c.startswith("lowbit eval --checkpoint lowbit_demo/base") for c in commands)
+    assert any(c.startswith("lowbit eval --checkpoint smollm2-135m") for c in commands)
     # a fresh directory holding the package, as a clone's root does (relative recipe paths resolve)
     (tmp_path / "lowbit").symlink_to(ROOT / "lowbit")
     monkeypatch.chdir(tmp_path)
@@ -82,11 +84,12 @@ def test_readme_quickstart_commands_run(tmp_path, monkeypatch):
         words = shlex.split(command)
         if any(w.startswith("~/") for w in words):
             continue  # the user's own model or data
-        extra = OVERRIDES.get(tuple(words[:2]))
+        extra = OVERRIDES.get(tuple(words[:3]), OVERRIDES.get(tuple(words[:2])))
         if extra is None:
             pytest.fail(f"README quickstart command {command!r} has no overrides in {__file__}")
         assert run_command(words + extra) == 0, command
         ran.append(command)
-    assert len(ran) == 8, ran
+    assert len(ran) == 11, ran
     assert (tmp_path / "lowbit_runs" / "tiny_qat" / "summary.json").exists()
     assert (tmp_path / "my_data" / "hellaswag_local.jsonl").exists()
+    assert (tmp_path / "cloze.jsonl").exists() and (tmp_path / "smollm2_hf" / "config.json").exists()
