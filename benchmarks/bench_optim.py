@@ -238,9 +238,8 @@ QUALITY_EXTRA = {"AdamW4bit rank1": ("lowbit.optim.AdamW4bit", ["optimizer.v_nor
 def quality(workdir, overrides, only=None):
     from pathlib import Path
 
-    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
-
     from lowbit.data.synthetic import generate_hellaswag, write_jsonl
+    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

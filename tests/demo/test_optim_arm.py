@@ -30,9 +30,8 @@ def _expected_state_bytes(shapes, fmt: str) -> int:
 
 
 def test_run_optim_arm_rows(tmp_path, monkeypatch):
-    from lowbit.recipes.demo_optim import OPTIMIZERS, run_optim_arm
-
     import lowbit.eval
+    from lowbit.demo.optim_arm import OPTIMIZERS, run_optim_arm
 
     assert OPTIMIZERS == {
         "AdamW (fp32)": "torch.optim.AdamW",
@@ -75,11 +74,9 @@ def test_run_optim_arm_rows(tmp_path, monkeypatch):
     )
 
     # state memory: exactly the layout of each optimizer over the model's parameter shapes
-    from lowbit.recipes.cli import run_recipe
+    from lowbit.models.checkpoint import load_checkpoint
 
-    model = run_recipe(
-        "finetune_recipe", "tiny_pretrain", [*SMALL_RUN, "max_steps=1", f"output_dir={tmp_path / 'shapes'}"]
-    ).model
+    model, _, _ = load_checkpoint(runs["AdamW4bit"])  # the trained model's shapes
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     n = sum(math.prod(s) for s in shapes)
     for name, fmt in (("AdamW (fp32)", "fp32"), ("AdamW4bit", "4bit")):

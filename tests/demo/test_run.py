@@ -33,5 +33,5 @@ def test_demo_runs_an_arm_and_reports_the_measured_figures(tmp_path):
 
 def test_demo_rejects_unknown_arms(capsys):
     with pytest.raises(SystemExit):
-        lowbit_main(["demo", "--arms", "optim,warp"])
+        lowbit_main(["demo", "--model", "tiny", "--arms", "optim,warp"])
     assert "unknown arm(s) ['warp']" in capsys.readouterr().err
