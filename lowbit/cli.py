@@ -204,9 +204,9 @@ def _demo(argv: list[str]) -> int:
                                 "plots.")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
-    p.add_argument("--items", type=int, help="cloze items per arm (default: 100 smollm2, 500 tiny)")
-    p.add_argument("--kl-windows", type=int, default=4, help="smollm2: 512-token windows for perplexity / KL")
-    p.add_argument("--qat-steps", type=int, default=3, help="smollm2: steps of each QAT fine-tune")
+    p.add_argument("--items", type=int, help="cloze items per arm (default: 60 smollm2, 500 tiny)")
+    p.add_argument("--kl-windows", type=int, default=2, help="smollm2: 512-token windows for perplexity / KL")
+    p.add_argument("--qat-steps", type=int, default=2, help="smollm2: steps of each QAT fine-tune")
     p.add_argument("--steps", type=int, help="tiny: pretraining steps (default: the tiny_pretrain config's)")
     p.add_argument("--arm-steps", type=int, default=120, help="tiny: training steps of each arm's runs")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
@@ -216,7 +216,7 @@ def _demo(argv: list[str]) -> int:
     if a.model == "smollm2":
         from lowbit.demo.smollm2 import run_smollm2_demo
 
-        result = run_smollm2_demo(Path(a.output), items=a.items or 100, kl_windows=a.kl_windows,
+        result = run_smollm2_demo(Path(a.output), items=a.items or 60, kl_windows=a.kl_windows,
                                   qat_steps=a.qat_steps)
         print((Path(a.output) / "report.md").read_text())
         print(f"wrote {Path(a.output) / 'report.md'} in {result['seconds']:.0f} s")

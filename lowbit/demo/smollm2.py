@@ -64,8 +64,8 @@ def _qat(out: Path, scheme: str, group_size: int, steps: int, batch_size: int, s
     return run_dir, time.perf_counter() - t, steps * batch_size * seq_len
 
 
-def run_smollm2_demo(out: str | Path, *, items: int = 100, kl_windows: int = 4, qat_steps: int = 3,
-                     qat_batch_size: int = 2, qat_seq_len: int = 256, schemes=SCHEMES) -> dict:
+def run_smollm2_demo(out: str | Path, *, items: int = 60, kl_windows: int = 2, qat_steps: int = 2,
+                     qat_batch_size: int = 2, qat_seq_len: int = 128, schemes=SCHEMES) -> dict:
     """Run every arm on SmolLM2 and write ``report.md``, ``results.json`` and ``smollm2.png`` into ``out``.
 
     Args:
