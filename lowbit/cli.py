@@ -214,6 +214,8 @@ def _demo(argv: list[str]) -> int:
                         f"(default: {','.join(DEFAULT_ARMS)})")
     a = p.parse_args(argv)
     if a.model == "smollm2":
+        if a.steps is not None or a.arms != ",".join(DEFAULT_ARMS):
+            p.error("--steps and --arms go with --model tiny (the SmolLM2 demo runs its own arms)")
         from lowbit.demo.smollm2 import run_smollm2_demo
 
         result = run_smollm2_demo(Path(a.output), items=a.items or 60, kl_windows=a.kl_windows,
