@@ -35,3 +35,9 @@ def test_demo_rejects_unknown_arms(capsys):
     with pytest.raises(SystemExit):
         lowbit_main(["demo", "--model", "tiny", "--arms", "optim,warp"])
     assert "unknown arm(s) ['warp']" in capsys.readouterr().err
+
+
+def test_smollm2_demo_rejects_tiny_only_flags(capsys):
+    with pytest.raises(SystemExit):
+        lowbit_main(["demo", "--arms", "optim"])
+    assert "--steps and --arms go with --model tiny" in capsys.readouterr().err
