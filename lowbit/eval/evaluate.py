@@ -86,7 +86,9 @@ def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, c
     else:
         from lowbit.eval.quantize import quantize_for_inference
 
-        model = quantize_for_inference(model, scheme, group_size=group_size, dtype=dtype)
+        recorded = (meta or {}).get("qat_scheme"), (meta or {}).get("qat_group_size")
+        qparams = (meta or {}).get("qat_qparams") if (scheme, group_size) == recorded else None
+        model = quantize_for_inference(model, scheme, group_size=group_size, dtype=dtype, qparams=qparams)
     if compile:
         from lowbit.eval.compile import compile_for_cpu
 

@@ -29,12 +29,15 @@ from lowbit.quant.affine import quant_dequant_int8_per_token_asym
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w")
+INFERENCE_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w", "8da3w", "8da2w", "3w", "2w")
 
 # Activation dtype of the fast CPU kernel behind each scheme (None: keep the model's dtype).
 _KERNEL_DTYPE: dict[str, torch.dtype | None] = {
     "none": None, "8da8w": None, "8w": torch.bfloat16, "4w": torch.bfloat16, "8da4w": torch.bfloat16,
+    "8da3w": torch.bfloat16, "8da2w": torch.bfloat16, "3w": None, "2w": None,
 }
+# Schemes whose int8-activation / int2..int4-weight layers run on the tinygemm int4 kernel in bf16.
+_INT4PACK_SCHEMES = ("8da4w", "8da3w", "8da2w")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -73,7 +76,8 @@ def resolve_scheme(scheme: str | None, group_size: int | None = None):
 
 
 def quantize_for_inference(
-    model: nn.Module, scheme: str | None, *, group_size: int | None = None, dtype: torch.dtype | None = None
+    model: nn.Module, scheme: str | None, *, group_size: int | None = None, dtype: torch.dtype | None = None,
+    qparams: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place for CPU inference and return it.
 
@@ -85,6 +89,9 @@ def quantize_for_inference(
         dtype: dtype of the float parts and activations (``torch.float32`` or ``torch.bfloat16``).
             Default: bf16 for ``4w`` / ``8w`` / ``8da4w`` (their fast CPU kernels take bf16), else the
             model's dtype. Pass ``torch.float32`` to reproduce fp32 fake-quant numerics exactly.
+        qparams: learned QAT qparams (``{"<layer>.weight_scale": ..., "<layer>.weight_zero": ...}``, a
+            checkpoint's ``meta["qat_qparams"]``): those layers get codes and qparams from them
+            (``lowbit.qat.write_learned_qparams``) instead of the weight's min / max.
 
     Returns:
         ``model``, its fitting ``nn.Linear`` weights replaced by torchao quantized tensors (and, for
@@ -120,13 +127,35 @@ def quantize_for_inference(
             skipped.append(fqn)
         return s.fits(module)
 
+    learned = _group_qparams(qparams or {})
+    floats = {fqn: model.get_submodule(fqn).weight.detach().clone() for fqn in learned}
     with _keep_global_config():
         quantize_(model, s.inference_config(), filter_fn=fits)
     if skipped:
         log.info("scheme %s: %d linear layer(s) kept in float: %s", s.name, len(skipped), skipped)
-    if s.name == "8da4w" and target == torch.bfloat16:
+    if learned:
+        from lowbit.qat.api import write_learned_qparams
+
+        for fqn, (scale, zero) in learned.items():
+            weight = model.get_submodule(fqn).weight
+            if type(weight) in (torch.Tensor, nn.Parameter):
+                raise ValueError(f"learned qparams for layer {fqn!r}, which scheme {s} does not quantize")
+            write_learned_qparams(weight, floats[fqn], s, scale, zero)
+    if s.name in _INT4PACK_SCHEMES and target == torch.bfloat16:
         _swap_8da4w_to_int4pack(model)
     return model
+
+
+def _group_qparams(qparams: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{"<fqn>.weight_scale": s, "<fqn>.weight_zero": z}`` -> ``{fqn: (s, z or None)}``."""
+    out: dict[str, tuple] = {}
+    for key in qparams:
+        fqn, _, name = key.rpartition(".")
+        if name == "weight_scale":
+            out[fqn] = (qparams[key], qparams.get(f"{fqn}.weight_zero"))
+        elif name != "weight_zero":
+            raise ValueError(f"unknown learned qparam {key!r} (expected <layer>.weight_scale / .weight_zero)")
+    return out
 
 
 class Int8DynActInt4Linear(nn.Module):

@@ -5,11 +5,14 @@ forward the prepared model simulated.
 """
 
 from lowbit.qat.api import (
+    clamp_learned_ranges_,
     convert,
     convert_checkpoint_model,
     enable_fake_quant,
     fake_quant_modules,
     get_prepared_scheme,
+    learned_qparams,
+    load_learned_qparams,
     prepare,
     unprepare,
 )
@@ -22,12 +25,15 @@ __all__ = [
     "FakeQuantLinear",
     "FakeQuantLoRALinear",
     "Scheme",
+    "clamp_learned_ranges_",
     "convert",
     "convert_checkpoint_model",
     "enable_fake_quant",
     "fake_quant_modules",
     "get_prepared_scheme",
     "get_scheme",
+    "learned_qparams",
+    "load_learned_qparams",
     "prepare",
     "unprepare",
 ]
