@@ -299,6 +299,8 @@ def write_learned_qparams(weight: torch.Tensor, float_weight: torch.Tensor, sche
     the scale / zero packed as torchao packs them.
     """
     g = scheme.group_size
+    # the clamp the prepared forward applies (LearnedRanges.learned_qparams), in the scale's own dtype
+    scale = scale.clamp(min=1e-6 if scheme.name == "4w" else torch.finfo(scale.dtype).eps)
     if scheme.name == "4w":
         from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
