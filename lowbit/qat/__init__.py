@@ -15,6 +15,7 @@ from lowbit.qat.api import (
     load_learned_qparams,
     prepare,
     unprepare,
+    write_learned_qparams,
 )
 from lowbit.qat.modules import FakeQuantEmbedding, FakeQuantLinear, FakeQuantLoRALinear
 from lowbit.qat.schemes import SCHEMES, Scheme, get_scheme
@@ -36,4 +37,5 @@ __all__ = [
     "load_learned_qparams",
     "prepare",
     "unprepare",
+    "write_learned_qparams",
 ]
