@@ -132,9 +132,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--learn-ranges", action="store_true", help="QAT arm: qat.learn_ranges=true")
+    ap.add_argument("--no-learn-ranges", dest="learn_ranges", action="store_false",
+                    help="QAT arm: qat.learn_ranges=false (the config learns them)")
     ap.add_argument("--ranges-lr", type=float, default=None)
     ap.add_argument("--ce-weight", type=float, default=0.0, help="QAT arm: qat.distill.ce_weight")
     ap.add_argument(
