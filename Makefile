@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 # the tests marked slow (exhaustive encode sweeps, the README's quickstart end to end); CI runs them too
 test-slow: $(STAMP)
