@@ -94,6 +94,14 @@ class QATRecipe(TrainingRecipe):
         except ValueError as e:
             raise ConfigError(f"config key 'qat.learn_ranges' in {origin(self.cfg, 'qat.learn_ranges')}: "
                               f"{e}") from None
+        left = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+        if left:
+            name, m = left[0]
+            raise ConfigError(
+                f"config key 'qat.group_size' in {origin(self.cfg, 'qat.group_size')}: scheme {self.scheme} "
+                f"cannot quantize {len(left)} linear layer(s), e.g. {name!r} (in_features {m.in_features}, "
+                f"out_features {m.out_features}); choose a group size that divides every layer's "
+                "in_features, or another scheme")
         if q.freeze_embeddings:
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Embedding):
