@@ -127,8 +127,10 @@ def _eval(argv: list[str]) -> int:
               f"± {k['kl_stderr']:.5f} (p99 {k['kl_p99']:.4f}), top-1 agreement {k['top1_agreement']:.4f} "
               f"± {k['top1_stderr']:.4f}, perplexity {k['ppl']:.3f} (reference {k['ppl_reference']:.3f})")
     info = results["lowbit"]
-    print(f"checkpoint: {info['checkpoint']}  scheme: {info['scheme'] or 'none (float)'}  "
-          f"compiled: {info['compiled']}")
+    embs = info["quantized_embeddings"]
+    print(f"checkpoint: {info['checkpoint']}  scheme: {info['scheme'] or 'none (float)'}  deployed: "
+          f"{info['deployed']} {info['dtype'].removeprefix('torch.')}"
+          f"{'  quantized embeddings: ' + ', '.join(embs) if embs else ''}  compiled: {info['compiled']}")
     if a.output:
         print(f"wrote {a.output}/results.json")
     return 0

@@ -14,7 +14,7 @@ from lowbit.qat.modules import (
     FakeQuantLoRALinear,
     _lora_cls,
 )
-from lowbit.qat.schemes import Scheme, get_scheme
+from lowbit.qat.schemes import GGML_SCHEMES, Scheme, get_scheme
 
 logger = logging.getLogger("lowbit.qat")
 
@@ -181,17 +181,21 @@ def unprepare(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Strip the fake-quant wrappers and apply the scheme's torchao inference quantization, in place.
 
     Linears go through ``quantize_(model, scheme.inference_config())`` restricted to the layers that
     were prepared; embeddings (if prepared) through ``scheme.embedding_config()``; LoRA layers are
-    merged first. The result is the deployable CPU model whose forward the prepared model simulated.
+    merged first (``lowbit.qat.inference.apply_inference_quant``). ``dtype`` (default: the model's)
+    is cast to first. ``lowbit.eval.deploy`` calls this and then moves bf16 ``8da4w`` onto the faster
+    tinygemm int4 kernel (``Int8DynActInt4Linear``, within 1 bf16 ulp, not bit-exact). The ggml
+    schemes (``q4_0`` / ``q8_0``) stay their exact fake-quant simulation (their deployment is a GGUF
+    file). The result is the deployable CPU model whose forward the prepared model simulated.
 
     Raises:
         ValueError: the model was never prepared, or lives on the meta device.
     """
-    from torchao.quantization import quantize_
+    from lowbit.qat.inference import apply_inference_quant, float_dtype
 
     mods = fake_quant_modules(model)
     if not mods:
@@ -202,13 +206,14 @@ def convert(model: nn.Module) -> nn.Module:
             raise ValueError(
                 f"convert: layer {fqn!r} is on the meta device; load real weights before convert"
             )
-    lin_fqns = {n for n, m in mods.items() if not isinstance(m, FakeQuantEmbedding)}
-    emb_fqns = {n for n, m in mods.items() if isinstance(m, FakeQuantEmbedding)}
+    dtype = dtype or float_dtype(model)
+    model.to(dtype)
+    if scheme.name in GGML_SCHEMES:
+        return model
+    lin_fqns = [n for n, m in mods.items() if not isinstance(m, FakeQuantEmbedding)]
+    emb_fqns = [n for n, m in mods.items() if isinstance(m, FakeQuantEmbedding)]
     unprepare(model)
-    if lin_fqns:
-        quantize_(model, scheme.inference_config(), filter_fn=lambda m, fqn: fqn in lin_fqns)
-    if emb_fqns:
-        quantize_(model, scheme.embedding_config(), filter_fn=lambda m, fqn: fqn in emb_fqns)
+    apply_inference_quant(model, scheme, lin_fqns, emb_fqns)
     return model
 
 
