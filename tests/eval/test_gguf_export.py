@@ -157,3 +157,23 @@ def test_llama_cpp_logits_on_the_exported_file(tmp_path, tokenizer_dir):
           f"logits max {on.abs().max():.3g}")
     assert d_on.mean() < d_off.mean()
     assert (got.argmax(-1) == on.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_q4_0_qat_run_exports_its_fake_quant_weights(tmp_path):
+    """The recipe trains q4_0 (untied, embeddings quantized); its checkpoint exports bit-exactly."""
+    from lowbit.recipes.runner import run_recipe
+    from tests.conftest import SMALL_RUN
+
+    out = tmp_path / "run"
+    run_recipe("qat_recipe", "tiny_qat", [
+        *SMALL_RUN, "max_steps=2", f"output_dir={out}", "qat.scheme=q4_0", "qat.group_size=null",
+        "qat.embeddings=true", "model.overrides.tie_word_embeddings=false", "tokenizer.vocab_size=300",
+    ])
+    (ckpt,) = (out / "checkpoints").iterdir()
+    path = export_gguf(ckpt, tmp_path / "qat.gguf", "q4_0")
+    sd = load_checkpoint(ckpt)[0].state_dict()
+    t = next(t for t in GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    got = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    assert T(t.tensor_type) == T.Q4_0
+    assert torch.equal(got.reshape(sd["tok_embeddings.weight"].shape),
+                       fake_quant_weight_ggml(sd["tok_embeddings.weight"], "q4_0"))
