@@ -1,9 +1,15 @@
 """Training-step overhead of QAT 8da4w vs a plain step, compiled and eager, lowbit vs torchao QAT.
 
-One process, the tiny preset, identical data; steps of the three variants are interleaved
-(plain, lowbit, torchao, plain, ...) so machine-load drift hits them alike; medians are reported.
+One process, identical data; steps of the variants are interleaved (plain, lowbit, torchao, plain, ...)
+so machine-load drift hits them alike; medians are reported. Variants: the plain step; lowbit 8da4w;
+lowbit 8da4w with learned ranges; lowbit 8da4w distilled from the float model (the teacher's forward and
+the KL loss are the extra); torchao's QAT 8da4w.
 
     .venv/bin/python benchmarks/bench_qat_overhead.py [--steps 30] [--batch 16] [--seq 128]
+    .venv/bin/python benchmarks/bench_qat_overhead.py --model smollm2-135m --layers 4 --batch 2 --seq 256
+
+``--model smollm2-135m --layers N``: the real model's first N decoder layers (and its 49152-token tied
+head), for a realistic width and vocabulary at a bearable compile time.
 
 Bar: compiled lowbit QAT 8da4w step <= 1.15x the compiled plain step.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import subprocess
 import time
 
 import torch
@@ -20,15 +27,22 @@ import torch.nn.functional as F
 
 from lowbit import qat
 from lowbit.models import build_model
+from lowbit.recipes.qat_recipe import distillation_loss
 
 
-def make_step(model, compile_: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_step(model, compile_: bool, teacher=None):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     fwd = torch.compile(model, fullgraph=False) if compile_ else model
+    teach = None if teacher is None else torch.compile(teacher) if compile_ else teacher
 
     def step(rows):
         logits = fwd(rows[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+        if teach is None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
+        else:
+            with torch.no_grad():
+                t = teach(rows[:, :-1])
+            loss = distillation_loss(logits, t, rows[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -52,23 +66,39 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--modes", default="compiled,eager")
+    p.add_argument("--model", default="tiny", help="'tiny' (preset) or a checkpoint, e.g. smollm2-135m")
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
     a = p.parse_args()
     torch.manual_seed(0)
-    base = build_model("tiny")
+    if a.model == "tiny":
+        base = build_model("tiny")
+    else:
+        from lowbit.models.checkpoint import load_checkpoint
+
+        base = load_checkpoint(a.model)[0].train()
+    if a.layers:
+        base.layers = base.layers[: a.layers]
     vocab = base.tok_embeddings.num_embeddings
     nparams = sum(p.numel() for p in base.parameters())
-    print(f"tiny preset: {nparams / 1e6:.2f}M params, batch {a.batch} x seq {a.seq}, threads "
-          f"{torch.get_num_threads()}, {a.steps} timed steps after {a.warmup} warmup, median")
+    isa = subprocess.run("lscpu | grep -o -E 'avx512[a-z_0-9]*|avx2' | sort -u | tr '\\n' ' '", shell=True,
+                         capture_output=True, text=True).stdout.strip()
+    print(f"{a.model} ({len(base.layers)} layers): {nparams / 1e6:.2f}M params, batch {a.batch} x seq "
+          f"{a.seq}, threads {torch.get_num_threads()}, {a.steps} timed steps after {a.warmup} warmup, "
+          f"median; ISA {isa}")
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
     for mode in a.modes.split(","):
         compiled = mode == "compiled"
-        variants = {
-            "plain": copy.deepcopy(base),
-            "lowbit 8da4w": qat.prepare(copy.deepcopy(base), "8da4w", group_size=32),
-            "torchao QAT 8da4w": torchao_qat(copy.deepcopy(base)),
+        teacher = copy.deepcopy(base).eval().requires_grad_(False)
+        steps = {
+            "plain": make_step(copy.deepcopy(base), compiled),
+            "lowbit 8da4w": make_step(qat.prepare(copy.deepcopy(base), "8da4w", group_size=32), compiled),
+            "lowbit 8da4w ranges": make_step(
+                qat.prepare(copy.deepcopy(base), "8da4w", group_size=32, learn_ranges=True), compiled),
+            "lowbit 8da4w distill": make_step(
+                qat.prepare(copy.deepcopy(base), "8da4w", group_size=32), compiled, teacher),
+            "torchao QAT 8da4w": make_step(torchao_qat(copy.deepcopy(base)), compiled),
         }
-        steps = {k: make_step(m, compiled) for k, m in variants.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for i in range(a.warmup + a.steps):
             for k, step in steps.items():
@@ -79,7 +109,7 @@ def main() -> None:
                     times[k].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
         for k, v in med.items():
-            print(f"{mode:9s} {k:18s} step {v * 1000:8.1f} ms   ratio vs plain {v / med['plain']:.3f}x")
+            print(f"{mode:9s} {k:21s} step {v * 1000:8.1f} ms   ratio vs plain {v / med['plain']:.3f}x")
         torch._dynamo.reset()
 
 

@@ -14,6 +14,8 @@ What it honours (from a checkpoint's ``lowbit.json`` or the arguments):
   scheme's kernel supports (not above the scheme's default) that divides every linear's
   ``in_features`` (:func:`pick_group_size`): SmolLM2's widths 576 / 1536 get 64 for ``4w``;
 - quantized embeddings (``qat_embeddings``): untied ``nn.Embedding`` weights too;
+- learned ranges (``qat_qparams``, the checkpoint's ``qparams.safetensors``): loaded into the prepared
+  layers (``qat.load_learned_qparams``), which ``qat.convert`` writes into the inference weights;
 - the kernel dtype: ``4w`` / ``8w`` / ``8da4w`` cast to bf16 (only their bf16 CPU kernels are
   vectorized) unless ``dtype`` says otherwise; ``8da4w`` in bf16 runs on the tinygemm int4 kernel.
 
@@ -33,13 +35,16 @@ from torch import nn
 
 log = logging.getLogger("lowbit.eval.deploy")
 
-INFERENCE_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w", "q4_0", "q8_0")
+INFERENCE_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w", "8da3w", "8da2w", "3w", "2w",
+                                      "q4_0", "q8_0")
 
 # Activation dtype of the fast CPU kernel behind each scheme (None: keep the model's dtype).
 KERNEL_DTYPE: dict[str, torch.dtype | None] = {
     "none": None, "8da8w": None, "8w": torch.bfloat16, "4w": torch.bfloat16, "8da4w": torch.bfloat16,
-    "q4_0": None, "q8_0": None,
+    "8da3w": torch.bfloat16, "8da2w": torch.bfloat16, "3w": None, "2w": None, "q4_0": None, "q8_0": None,
 }
+# Schemes whose int8-activation / int2..int4-weight layers run on the tinygemm int4 kernel in bf16.
+INT4PACK_SCHEMES = ("8da4w", "8da3w", "8da2w")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -82,13 +87,16 @@ def pick_group_size(model: nn.Module, name: str) -> int | None:
     return max(candidates, key=lambda g: (sum(w % g == 0 for w in widths), g))
 
 
-def _resolve(model: nn.Module, spec, group_size: int | None, embeddings: bool | None):
-    """``(Scheme or None, embeddings)`` from deploy's arguments."""
+def _resolve(model: nn.Module, spec, group_size: int | None, embeddings: bool | None, qparams):
+    """``(Scheme or None, embeddings, learned qparams or None)`` from deploy's arguments."""
     from lowbit.qat import Scheme, get_prepared_scheme, get_scheme
 
     if isinstance(spec, dict):  # a checkpoint's lowbit.json
+        recorded = spec.get("qat_group_size")
+        if qparams is None and group_size in (None, recorded):
+            qparams = spec.get("qat_qparams")  # learned for the recorded group size only
         if group_size is None:
-            group_size = spec.get("qat_group_size")
+            group_size = recorded
         if embeddings is None:
             embeddings = bool(spec.get("qat_embeddings") or False)
         spec = spec.get("qat_scheme")
@@ -98,25 +106,25 @@ def _resolve(model: nn.Module, spec, group_size: int | None, embeddings: bool | 
         if name not in (None, prepared.name) or group_size not in (None, prepared.group_size):
             raise ValueError(f"deploy: the model is prepared with {prepared}; cannot deploy it as "
                              f"{name!r} with group_size={group_size!r}")
-        return prepared, False
+        return prepared, False, qparams
     if isinstance(spec, Scheme):
         if group_size not in (None, spec.group_size):
             raise ValueError(f"group_size={group_size} conflicts with scheme {spec}")
-        return spec, bool(embeddings)
+        return spec, bool(embeddings), qparams
     if spec is None or spec == "none":
         if group_size is not None:
             raise ValueError(f"group_size={group_size!r} given but scheme is {spec!r} (no quantization)")
-        return None, False
+        return None, False, None
     if not isinstance(spec, str) or spec not in INFERENCE_SCHEMES:
         raise ValueError(f"unknown inference scheme {spec!r}; expected one of {list(INFERENCE_SCHEMES)}")
     if group_size is None:
         group_size = pick_group_size(model, spec)
-    return get_scheme(spec, group_size), bool(embeddings)
+    return get_scheme(spec, group_size), bool(embeddings), qparams
 
 
 @torch.no_grad()
 def deploy(model: nn.Module, spec=None, *, group_size: int | None = None, embeddings: bool | None = None,
-           dtype: torch.dtype | None = None) -> nn.Module:
+           dtype: torch.dtype | None = None, qparams: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Quantize ``model`` in place for CPU inference and return it.
 
     Args:
@@ -127,6 +135,8 @@ def deploy(model: nn.Module, spec=None, *, group_size: int | None = None, embedd
             (``qat_scheme``, ``qat_group_size``, ``qat_embeddings``; no ``qat_scheme``: float).
         group_size: overrides the recorded group size; default: recorded, else :func:`pick_group_size`.
         embeddings: also quantize untied embeddings (default: ``qat_embeddings`` of a metadata ``spec``).
+        qparams: learned QAT qparams (``{"<layer>.weight_scale": ..., "<layer>.weight_zero": ...}``;
+            default: a metadata ``spec``'s ``qat_qparams`` when its recorded group size is used).
         dtype: ``torch.float32`` or ``torch.bfloat16`` for the float parts and activations. Default: bf16
             for ``4w`` / ``8w`` / ``8da4w``, else the model's dtype. fp32 reproduces fp32 fake quant.
 
@@ -147,7 +157,7 @@ def deploy(model: nn.Module, spec=None, *, group_size: int | None = None, embedd
     for name, p in model.named_parameters():
         if p.device.type != "cpu":
             raise ValueError(f"deploy is for CPU inference; parameter {name!r} is on {p.device}")
-    scheme, emb = _resolve(model, spec, group_size, embeddings)
+    scheme, emb, qparams = _resolve(model, spec, group_size, embeddings, qparams)
     target = dtype or KERNEL_DTYPE[scheme.name if scheme else "none"] or float_dtype(model)
     if target not in DTYPES:
         raise ValueError(f"model dtype {target} not supported; pass dtype=torch.float32 or torch.bfloat16")
@@ -155,6 +165,8 @@ def deploy(model: nn.Module, spec=None, *, group_size: int | None = None, embedd
         model.to(target)
         model.lowbit_deployment = Deployment("none", target, float_linears=[n for n, _ in _linears(model)])
         return model
+    if qparams and qat.fake_quant_modules(model):
+        raise ValueError("deploy: qparams given for a model that is already prepared (it has its own)")
     if not qat.fake_quant_modules(model):
         qat.prepare(model, scheme, embeddings=emb)
         mods = qat.fake_quant_modules(model)
@@ -167,11 +179,13 @@ def deploy(model: nn.Module, spec=None, *, group_size: int | None = None, embedd
                 f"scheme {scheme}: {len(floats)} of {len(floats) + n_quant} linear layers would stay float "
                 f"(e.g. {fqn!r}, in_features {lin.in_features}, out_features {lin.out_features}); pass a "
                 f"group size that divides the model's widths")
+        if qparams:
+            qat.load_learned_qparams(model, qparams)
     mods = qat.fake_quant_modules(model)
     lin = [n for n, m in mods.items() if not isinstance(m, qat.FakeQuantEmbedding)]
     embs = [n for n, m in mods.items() if isinstance(m, qat.FakeQuantEmbedding)]
     qat.convert(model, dtype=target)
-    if scheme.name == "8da4w" and target == torch.bfloat16:
+    if scheme.name in INT4PACK_SCHEMES and target == torch.bfloat16:
         swap_8da4w_to_int4pack(model)  # the fast kernel; convert keeps torchao's bit-exact reference path
     done = set(lin)
     floats = [n for n, _ in _linears(model) if n not in done]

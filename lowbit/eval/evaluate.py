@@ -83,7 +83,8 @@ def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, c
         model = as_is(model, dtype)
     else:
         if scheme == AUTO or scheme == recorded:
-            spec = {k: (meta or {}).get(k) for k in ("qat_scheme", "qat_group_size", "qat_embeddings")}
+            spec = {k: (meta or {}).get(k) for k in ("qat_scheme", "qat_group_size", "qat_embeddings",
+                                                       "qat_qparams")}
         else:
             spec = scheme
         model = deploy(model, spec, group_size=group_size, dtype=dtype)

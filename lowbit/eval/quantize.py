@@ -30,7 +30,8 @@ __all__ = ["INFERENCE_SCHEMES", "Int8DynActInt4Linear", "model_bytes", "quantize
 
 
 def quantize_for_inference(
-    model: nn.Module, scheme: str | None, *, group_size: int | None = None, dtype: torch.dtype | None = None
+    model: nn.Module, scheme: str | None, *, group_size: int | None = None, dtype: torch.dtype | None = None,
+    qparams: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place for CPU inference and return it (:func:`lowbit.eval.deploy`).
 
@@ -44,6 +45,9 @@ def quantize_for_inference(
         dtype: dtype of the float parts and activations (``torch.float32`` or ``torch.bfloat16``).
             Default: bf16 for ``4w`` / ``8w`` / ``8da4w`` (their fast CPU kernels take bf16), else the
             model's dtype. Pass ``torch.float32`` to reproduce fp32 fake-quant numerics exactly.
+        qparams: learned QAT qparams (``{"<layer>.weight_scale": ..., "<layer>.weight_zero": ...}``, a
+            checkpoint's ``meta["qat_qparams"]``): those layers get codes and qparams from them
+            (``lowbit.qat.write_learned_qparams``) instead of the weight's min / max.
 
     Returns:
         ``model``, its fitting ``nn.Linear`` weights replaced by torchao quantized tensors (and, for
@@ -53,7 +57,7 @@ def quantize_for_inference(
         ValueError: unknown scheme, bad group size or dtype, a parameter not on CPU, or most linears
             not fitting the scheme.
     """
-    return deploy(model, scheme, group_size=group_size, dtype=dtype)
+    return deploy(model, scheme, group_size=group_size, dtype=dtype, qparams=qparams)
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -4,6 +4,9 @@ A lowbit checkpoint is a directory::
 
     model.safetensors      plain float state dict, torchtune key names (QAT / float8 wrappers are
                            key-identical to nn.Linear / nn.Embedding, so this is a plain float model)
+    qparams.safetensors    (QAT with learned ranges only) ``<layer>.weight_scale`` / ``.weight_zero``,
+                           the learned weight qparams; ``load_checkpoint`` returns them as
+                           ``meta["qat_qparams"]`` and deployment writes them into the quantized weights
     lowbit.json            metadata: model_args, step, recipe, qat_scheme / qat_group_size, ...
     tokenizer/             the tokenizer the model was trained with
     training_state.pt      (optional) optimizer / scheduler / RNG state for resuming
@@ -39,6 +42,8 @@ from lowbit.models.tokenizer import load_tokenizer
 FORMAT = "lowbit-checkpoint"
 META_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
+QPARAMS_FILE = "qparams.safetensors"
+QPARAM_SUFFIXES = (".weight_scale", ".weight_zero")  # learned QAT qparams (lowbit.qat.modules)
 
 
 @contextlib.contextmanager
@@ -89,7 +94,10 @@ def save_model_dir(out: Path, state_dict: dict[str, torch.Tensor], meta: dict,
                    tokenizer_dir: Path | None) -> None:
     """Write weights, metadata and tokenizer into ``out`` (an existing, usually temporary, directory)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    qparams = {k: tensors.pop(k) for k in list(tensors) if k.endswith(QPARAM_SUFFIXES)}
     save_file(tensors, str(out / WEIGHTS_FILE))
+    if qparams:
+        save_file(qparams, str(out / QPARAMS_FILE))
     (out / META_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, **meta}, indent=1))
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, out / "tokenizer")
@@ -196,6 +204,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"):
         raise ValueError(f"{ckpt / WEIGHTS_FILE} does not match its model_args in {META_FILE}: {e}") from None
     _init_rope(model, device)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
+    if (ckpt / QPARAMS_FILE).exists():
+        meta["qat_qparams"] = load_safetensors(ckpt / QPARAMS_FILE, device)
     meta["path"] = str(ckpt)
     meta["tokenizer_dir"] = str(ckpt / "tokenizer")
     return model.eval(), tokenizer, meta

@@ -5,13 +5,17 @@ forward the prepared model simulated.
 """
 
 from lowbit.qat.api import (
+    clamp_learned_ranges_,
     convert,
     convert_checkpoint_model,
     enable_fake_quant,
     fake_quant_modules,
     get_prepared_scheme,
+    learned_qparams,
+    load_learned_qparams,
     prepare,
     unprepare,
+    write_learned_qparams,
 )
 from lowbit.qat.modules import FakeQuantEmbedding, FakeQuantLinear, FakeQuantLoRALinear
 from lowbit.qat.schemes import SCHEMES, Scheme, get_scheme
@@ -22,12 +26,16 @@ __all__ = [
     "FakeQuantLinear",
     "FakeQuantLoRALinear",
     "Scheme",
+    "clamp_learned_ranges_",
     "convert",
     "convert_checkpoint_model",
     "enable_fake_quant",
     "fake_quant_modules",
     "get_prepared_scheme",
     "get_scheme",
+    "learned_qparams",
+    "load_learned_qparams",
     "prepare",
     "unprepare",
+    "write_learned_qparams",
 ]

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from lowbit.qat.modules import (
+    QPARAM_NAMES,
     FakeQuantEmbedding,
     FakeQuantLinear,
     FakeQuantLoRALinear,
     _lora_cls,
 )
 from lowbit.qat.schemes import GGML_SCHEMES, Scheme, get_scheme
+from lowbit.quant.affine import quantize, quantize_tinygemm
 
 logger = logging.getLogger("lowbit.qat")
 
@@ -62,6 +64,7 @@ def prepare(
     group_size: int | None = None,
     filter_fn: FilterFn | None = None,
     embeddings: bool = False,
+    learn_ranges: bool = False,
 ) -> nn.Module:
     """Swap ``nn.Linear`` (and torchtune ``LoRALinear``) for fake-quant modules, in place.
 
@@ -71,6 +74,10 @@ def prepare(
         group_size: weight group size for the per-group schemes (see :func:`get_scheme`).
         filter_fn: ``(module, fqn) -> bool``; only modules for which it returns True are swapped.
         embeddings: also fake-quantize ``nn.Embedding`` weights (weight-only, ``scheme.embedding_config()``).
+        learn_ranges: give every prepared linear trainable per-group weight qparams (``weight_scale``,
+            and ``weight_zero`` for ``4w``), initialised from the weight's min / max, trained with LSQ
+            gradients; ``convert`` writes them into the inference weights. Embeddings keep min / max
+            qparams.
 
     Layers whose shape the scheme's kernel cannot take (``scheme.fits`` is False, e.g. ``in_features``
     not divisible by ``group_size``) stay float; they are listed in one log line, and ``convert`` leaves
@@ -79,13 +86,21 @@ def prepare(
     Raises:
         ValueError: unknown scheme / bad group size; model already prepared; ``embeddings=True`` on a
             model whose embedding weight is tied to another layer (not supported: the tied head would
-            be quantized as a linear by inference but as an embedding here).
+            be quantized as a linear by inference but as an embedding here); ``learn_ranges=True`` with a
+            per-channel scheme (``8w``, ``8da8w``: no groups).
     """
     if isinstance(scheme, Scheme):
         if group_size is not None and group_size != scheme.group_size:
             raise ValueError(f"group_size={group_size} conflicts with scheme {scheme}")
     else:
         scheme = get_scheme(scheme, group_size)
+    if learn_ranges and scheme.name in GGML_SCHEMES:
+        raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} is llama.cpp's format, whose "
+                         "scale rule is fixed (llama.cpp recomputes nothing from a learned scale)")
+    if learn_ranges and scheme.group_size is None:
+        raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} has no weight groups (one "
+                         "scale per output channel); learned ranges are for the per-group schemes "
+                         "8da4w, 4w, 8da3w, 8da2w, 3w, 2w")
     already = fake_quant_modules(model)
     if already:
         first = next(iter(already.values()))
@@ -143,6 +158,8 @@ def prepare(
         new = FakeQuantLoRALinear(mod, scheme) if isinstance(mod, lora_cls) else FakeQuantLinear.from_linear(
             mod, scheme
         )
+        if learn_ranges and not new.weight.is_meta:
+            new.learn_ranges()
         _set_child(model, fqn, new)
     for fqn in emb_fqns:
         _set_child(model, fqn, FakeQuantEmbedding.from_embedding(model.get_submodule(fqn), scheme))
@@ -185,17 +202,21 @@ def convert(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Strip the fake-quant wrappers and apply the scheme's torchao inference quantization, in place.
 
     Linears go through ``quantize_(model, scheme.inference_config())`` restricted to the layers that
-    were prepared; embeddings (if prepared) through ``scheme.embedding_config()``; LoRA layers are
-    merged first (``lowbit.qat.inference.apply_inference_quant``). ``dtype`` (default: the model's)
-    is cast to first. ``lowbit.eval.deploy`` calls this and then moves bf16 ``8da4w`` onto the faster
-    tinygemm int4 kernel (``Int8DynActInt4Linear``, within 1 bf16 ulp, not bit-exact). The ggml
-    schemes (``q4_0`` / ``q8_0``) stay their exact fake-quant simulation (their deployment is a GGUF
-    file). The result is the deployable CPU model whose forward the prepared model simulated.
+    were prepared, then layers with learned ranges get their codes and qparams rewritten from the
+    learned scale (and zero) (:func:`write_learned_qparams`); embeddings (if prepared) through
+    ``scheme.embedding_config()``; LoRA layers are merged first. ``dtype`` (default: the model's) is
+    cast to first. ``lowbit.eval.deploy`` calls this and then moves bf16 ``8da4w`` (and ``8da3w`` /
+    ``8da2w``) onto the faster tinygemm int4 kernel (``Int8DynActInt4Linear``, within 1 bf16 ulp, not
+    bit-exact). The ggml schemes (``q4_0`` / ``q8_0``) stay their exact fake-quant simulation (their
+    deployment is a GGUF file, ``lowbit export``). The result is the deployable CPU model whose forward
+    the prepared model simulated.
 
     Raises:
         ValueError: the model was never prepared, or lives on the meta device.
     """
-    from lowbit.qat.inference import apply_inference_quant, float_dtype
+    from torchao.quantization import quantize_
+
+    from lowbit.qat.inference import float_dtype, keep_global_config
 
     mods = fake_quant_modules(model)
     if not mods:
@@ -206,22 +227,101 @@ def convert(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
             raise ValueError(
                 f"convert: layer {fqn!r} is on the meta device; load real weights before convert"
             )
-    dtype = dtype or float_dtype(model)
-    model.to(dtype)
+    lin_fqns = {n for n, m in mods.items() if not isinstance(m, FakeQuantEmbedding)}
+    emb_fqns = {n for n, m in mods.items() if isinstance(m, FakeQuantEmbedding)}
+    clamp_learned_ranges_(model)
+    learned = {n: tuple(None if t is None else t.detach() for t in m.learned_qparams())
+               for n, m in mods.items() if getattr(m, "learned_qparams", lambda: None)() is not None}
+    model.to(dtype or float_dtype(model))  # the learned qparams above keep their own dtype
     if scheme.name in GGML_SCHEMES:
         return model
-    lin_fqns = [n for n, m in mods.items() if not isinstance(m, FakeQuantEmbedding)]
-    emb_fqns = [n for n, m in mods.items() if isinstance(m, FakeQuantEmbedding)]
     unprepare(model)
-    apply_inference_quant(model, scheme, lin_fqns, emb_fqns)
+    floats = {n: model.get_submodule(n).weight.detach() for n in learned}
+    with keep_global_config():
+        if lin_fqns:
+            quantize_(model, scheme.inference_config(), filter_fn=lambda m, fqn: fqn in lin_fqns)
+        for fqn, (scale, zero) in learned.items():
+            write_learned_qparams(model.get_submodule(fqn).weight, floats[fqn], scheme, scale, zero)
+        if emb_fqns:
+            quantize_(model, scheme.embedding_config(), filter_fn=lambda m, fqn: fqn in emb_fqns)
     return model
 
 
 def convert_checkpoint_model(model: nn.Module, scheme: str | Scheme, group_size: int | None = None,
-                             *, embeddings: bool = False) -> nn.Module:
+                             *, embeddings: bool = False,
+                             qparams: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Inference quantization of a plain float model with the same layer selection ``prepare`` makes.
 
-    Used for a QAT checkpoint (a plain float state dict loaded into a float model) and for PTQ of a
-    non-QAT model: ``convert(prepare(model, scheme))``.
+    Used for a QAT checkpoint (a plain float state dict loaded into a float model, plus its learned
+    ``qparams`` if it has them) and for PTQ of a non-QAT model: ``convert(prepare(model, scheme))``.
     """
-    return convert(prepare(model, scheme, group_size=group_size, embeddings=embeddings))
+    model = prepare(model, scheme, group_size=group_size, embeddings=embeddings)
+    if qparams:
+        load_learned_qparams(model, qparams)
+    return convert(model)
+
+
+def learned_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned qparams of a prepared model, ``{"<layer fqn>.weight_scale": [N, K // g], ...}``."""
+    return {f"{fqn}.{name}": p for fqn, m in fake_quant_modules(model).items()
+            for name, p in m.named_parameters(recurse=False) if name in QPARAM_NAMES}
+
+
+def load_learned_qparams(model: nn.Module, qparams: dict[str, torch.Tensor]) -> nn.Module:
+    """Give the prepared layers of ``model`` the learned qparams ``qparams`` (as :func:`learned_qparams`
+    returns them; e.g. a checkpoint's ``qparams.safetensors``).
+
+    Raises:
+        ValueError: a key names no prepared layer, or a shape differs from the layer's groups.
+    """
+    mods = fake_quant_modules(model)
+    for key, value in qparams.items():
+        fqn, _, name = key.rpartition(".")
+        mod = mods.get(fqn)
+        if mod is None or name not in QPARAM_NAMES:
+            raise ValueError(f"learned qparam {key!r} names no layer prepared for QAT in this model")
+        if mod.learned_qparams() is None:
+            mod.learn_ranges()
+        target = getattr(mod, name, None)
+        if target is None or target.shape != value.shape:
+            raise ValueError(f"learned qparam {key!r}: shape {tuple(value.shape)} does not fit layer {fqn!r} "
+                             f"({None if target is None else tuple(target.shape)} expected)")
+        with torch.no_grad():
+            target.copy_(value)
+    return model
+
+
+def clamp_learned_ranges_(model: nn.Module) -> int:
+    """Raise learned scales driven to zero or below to the smallest valid scale (logged once per model)."""
+    n = sum(m.clamp_ranges_() for m in fake_quant_modules(model).values() if hasattr(m, "clamp_ranges_"))
+    if n and not getattr(model, "_lowbit_clamp_logged", False):
+        logger.warning("lowbit.qat: %d learned weight scale(s) fell to zero or below and were clamped to the "
+                       "smallest valid scale (lower the ranges' learning rate if this repeats)", n)
+        model._lowbit_clamp_logged = True
+    return n
+
+
+@torch.no_grad()
+def write_learned_qparams(weight: torch.Tensor, float_weight: torch.Tensor, scheme: Scheme,
+                          scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """Rewrite a torchao-quantized ``weight`` (what ``quantize_`` made of ``float_weight`` ``[N, K]``) with
+    codes and qparams computed from the learned ``scale`` (and ``zero``), in place.
+
+    ``IntxUnpackedToInt8Tensor`` (8da4w, the sub-4-bit schemes): ``qdata = clamp(round(w / scale))``,
+    ``scale``; ``Int4OpaqueTensor`` (4w): tinygemm codes packed with the CPU kernel's own packing, and
+    the scale / zero packed as torchao packs them.
+    """
+    g = scheme.group_size
+    # the clamp the prepared forward applies (LearnedRanges.learned_qparams), in the scale's own dtype
+    scale = scale.clamp(min=1e-6 if scheme.name == "4w" else torch.finfo(scale.dtype).eps)
+    if scheme.name == "4w":
+        from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+        q = quantize_tinygemm(float_weight, scale.to(float_weight.dtype), zero.to(float_weight.dtype), g)
+        weight.qdata = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        dtype = float_weight.dtype
+        weight.scale_and_zero = pack_tinygemm_scales_and_zeros(scale.to(dtype), zero.to(dtype), dtype)
+        return
+    s = scale.to(weight.scale.dtype)
+    weight.qdata = quantize(float_weight, s, None, *scheme.weight_range, group_size=g).to(torch.int8)
+    weight.scale = s.reshape(weight.scale.shape)

@@ -1,9 +1,6 @@
-"""The inference side of QAT: what ``qat.convert`` turns fake-quant layers into (torchao CPU tensors).
-
-``apply_inference_quant`` is the one place where layer weights become inference tensors (torchao's
-``quantize_`` with the scheme's config, global Inductor config restored afterwards);
-:class:`Int8DynActInt4Linear` runs ``8da4w`` in bf16 on the tinygemm int4 kernel. ``qat.convert`` uses
-both; ``lowbit.eval.deploy`` (the deploy path of ``lowbit eval`` / ``lowbit bench``) goes through
+"""Helpers of the inference side of QAT: ``keep_global_config`` (``qat.convert`` restores the global
+Inductor config torchao's ``quantize_`` changes) and :class:`Int8DynActInt4Linear`, the bf16 tinygemm
+int4 kernel that ``lowbit.eval.deploy`` moves ``8da4w`` / ``8da3w`` / ``8da2w`` layers onto after
 ``qat.convert``.
 """
 
@@ -37,19 +34,6 @@ def float_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()
-
-
-def apply_inference_quant(model: nn.Module, scheme, linears: list[str], embeddings: list[str]) -> None:
-    """The one place where layer weights become inference tensors: torchao's config for ``linears`` and
-    ``embeddings`` (fully qualified names). Per-layer qparams (learned ranges) are to be applied here."""
-    from torchao.quantization import quantize_
-
-    lin, emb = set(linears), set(embeddings)
-    with keep_global_config():
-        if lin:
-            quantize_(model, scheme.inference_config(), filter_fn=lambda m, fqn: fqn in lin)
-        if emb:
-            quantize_(model, scheme.embedding_config(), filter_fn=lambda m, fqn: fqn in emb)
 
 
 class Int8DynActInt4Linear(nn.Module):

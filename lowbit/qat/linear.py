@@ -3,9 +3,10 @@
 Every function takes ``x[..., K]``, ``weight[N, K]``, optional ``bias[N]`` and returns ``y[..., N]`` in
 ``x.dtype``; gradients use the straight-through estimator (identity, zero where clipped).
 
-- ``8da4w``: torchao's ``IntxUnpackedToInt8Tensor`` linear = quant-dequant the activation
-  (int8 asym per token, eps = finfo(x.dtype).eps), dequantize the int4 sym per-group weight,
-  ``F.linear``. We run the same ops, so the outputs are bit-identical.
+- ``8da4w`` (and ``8da3w`` / ``8da2w``): torchao's ``IntxUnpackedToInt8Tensor`` linear = quant-dequant
+  the activation (int8 asym per token, eps = finfo(x.dtype).eps), dequantize the intN sym per-group
+  weight, ``F.linear``. We run the same ops, so the outputs are bit-identical.
+- ``3w`` / ``2w``: the same weight numerics without the activation quant (``IntxWeightOnlyConfig``).
 - ``4w``: ``_weight_int4pack_mm_for_cpu`` dequantizes uint4 weights in fp32 and accumulates in fp32;
   we do the same with ``F.linear`` in fp32 (identical in bf16 in practice, fp32 differs only in
   accumulation order: well under 1 bf16 ulp).
@@ -29,7 +30,9 @@ from lowbit.quant.affine import (
     INT8_REDUCED,
     asymmetric_qparams,
     fake_quantize,
+    fake_quantize_learned,
     fake_quantize_tinygemm,
+    fake_quantize_tinygemm_learned,
     quantize,
     symmetric_scale,
 )
@@ -37,12 +40,17 @@ from lowbit.quant.affine import (
 _FP32_EPS = torch.finfo(torch.float32).eps
 
 
+def int_range(bits: int) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a signed ``bits``-bit integer."""
+    return INT4 if bits == 4 else INT8 if bits == 8 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
 def fake_quant_weight_int_sym(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """Symmetric int4 (per group) / int8 (per group or row) fake quant, torchao ``IntxUnpackedToInt8``.
+    """Symmetric intN (per group) / int8 (per group or row) fake quant, torchao ``IntxUnpackedToInt8``.
 
     qparams: ``scale = amax / ((qmax - qmin) / 2)``, eps = finfo(weight.dtype).eps, zero point 0 (int8).
     """
-    qmin, qmax = INT4 if bits == 4 else INT8
+    qmin, qmax = int_range(bits)
     scale = symmetric_scale(weight.detach(), qmin, qmax, group_size=group_size)
     zero_point = torch.zeros_like(scale, dtype=torch.int8)
     return fake_quantize(weight, scale, zero_point, qmin, qmax, group_size=group_size)
@@ -54,11 +62,16 @@ def fake_quant_act_int8_asym_per_token(x: torch.Tensor) -> torch.Tensor:
     return fake_quantize(x, scale, zero_point, *INT8)
 
 
-def linear_8da4w(x, weight, bias, group_size: int):
-    """int8 dynamic asym per-token activations, int4 symmetric per-group weights."""
+def linear_8da4w(x, weight, bias, group_size: int, bits: int = 4):
+    """int8 dynamic asym per-token activations, intN (default int4) symmetric per-group weights."""
     x_fq = fake_quant_act_int8_asym_per_token(x)
-    w_fq = fake_quant_weight_int_sym(weight, 4, group_size)
+    w_fq = fake_quant_weight_int_sym(weight, bits, group_size)
     return F.linear(x_fq, w_fq, bias)
+
+
+def linear_intxw(x, weight, bias, group_size: int, bits: int):
+    """intN symmetric per-group weight-only (``IntxWeightOnlyConfig``): dequantize, ``F.linear``."""
+    return F.linear(x, fake_quant_weight_int_sym(weight, bits, group_size), bias)
 
 
 def linear_4w(x, weight, bias, group_size: int):
@@ -128,10 +141,24 @@ def linear_ggml(x, weight, bias, scheme):
     return y.to(x.dtype)
 
 
-def fake_quant_linear(x, weight, bias, scheme) -> torch.Tensor:
-    """Dispatch to the scheme's fake-quantized linear (``scheme`` is a :class:`~lowbit.qat.Scheme`)."""
-    if scheme.name == "8da4w":
-        return linear_8da4w(x, weight, bias, scheme.group_size)
+def fake_quant_linear(x, weight, bias, scheme, qparams=None) -> torch.Tensor:
+    """Dispatch to the scheme's fake-quantized linear (``scheme`` is a :class:`~lowbit.qat.Scheme`).
+
+    ``qparams``: learned weight qparams ``(scale, zero)`` (``[N, K // g]`` each; ``zero`` is None for the
+    symmetric schemes), see :func:`learned_weight`; None = computed from the weight (min / max).
+    """
+    if qparams is not None:
+        w_fq = learned_weight(weight, scheme, *qparams)
+        if scheme.name == "4w":
+            y = F.linear(x.float(), w_fq).to(x.dtype)
+            return y if bias is None else y + bias
+        if scheme.activation is not None:
+            x = fake_quant_act_int8_asym_per_token(x)
+        return F.linear(x, w_fq, bias)
+    if scheme.name in ("8da4w", "8da3w", "8da2w"):
+        return linear_8da4w(x, weight, bias, scheme.group_size, scheme.weight_bits)
+    if scheme.name in ("3w", "2w"):
+        return linear_intxw(x, weight, bias, scheme.group_size, scheme.weight_bits)
     if scheme.name == "4w":
         return linear_4w(x, weight, bias, scheme.group_size)
     if scheme.name == "8w":
@@ -141,3 +168,16 @@ def fake_quant_linear(x, weight, bias, scheme) -> torch.Tensor:
     if scheme.name in ("q4_0", "q8_0"):
         return linear_ggml(x, weight, bias, scheme)
     raise ValueError(f"unknown scheme {scheme.name!r}")
+
+
+def learned_weight(weight: torch.Tensor, scheme, scale: torch.Tensor,
+                   zero: torch.Tensor | None) -> torch.Tensor:
+    """The fake-quantized weight ``[N, K]`` with learned qparams (LSQ gradients to ``scale`` / ``zero``).
+
+    Symmetric per-group schemes: ``zero`` is None and the codes are ``clamp(round(w / scale))``
+    (:func:`~lowbit.quant.affine.fake_quantize_learned`), in ``weight.dtype``. ``4w``: tinygemm codes
+    with a float ``zero``, dequantized in fp32 as the CPU kernel does.
+    """
+    if scheme.name == "4w":
+        return fake_quantize_tinygemm_learned(weight, scale, zero, scheme.group_size, dtype=torch.float32)
+    return fake_quantize_learned(weight, scale, None, *scheme.weight_range, group_size=scheme.group_size)

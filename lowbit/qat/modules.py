@@ -1,6 +1,8 @@
 """Fake-quant modules. Their parameters and state-dict keys are exactly those of the module they
 replace (``weight``, ``bias``; LoRA: ``weight``, ``bias``, ``lora_a.weight``, ``lora_b.weight``), so a
-QAT checkpoint is a plain float checkpoint.
+QAT checkpoint is a plain float checkpoint. With learned ranges (:meth:`FakeQuantLinear.learn_ranges`)
+a linear also holds ``weight_scale`` (and, for ``4w``, ``weight_zero``), ``[out_features, K // g]``:
+the only extra keys, stored apart from the float weights (``qparams.safetensors``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,60 @@ from torch import nn
 
 from lowbit.qat.linear import fake_quant_linear, fake_quant_weight_ggml, fake_quant_weight_int_sym
 from lowbit.qat.schemes import Scheme
+from lowbit.quant.affine import symmetric_scale, tinygemm_qparams
+
+QPARAM_NAMES = ("weight_scale", "weight_zero")
 
 
-class FakeQuantLinear(nn.Linear):
+class LearnedRanges:
+    """Mixin: trainable per-group weight qparams, initialised from the min / max qparams of today's weight.
+
+    ``weight_scale`` ``[N, K // g]`` (symmetric schemes: ``clamp(round(w / scale))`` codes; ``4w``:
+    tinygemm codes with a float ``weight_zero`` of the same shape), in the weight's dtype, trained with
+    LSQ gradients. The forward with these qparams equals the converted model's (``convert`` writes them
+    into the torchao tensors).
+    """
+
+    def learn_ranges(self) -> None:
+        """Register ``weight_scale`` (and ``weight_zero`` for ``4w``) from the current weight's min / max."""
+        s = self.scheme
+        if s.group_size is None:
+            raise ValueError(f"learned ranges need a per-group scheme; {s.name!r} has one scale per output "
+                             "channel (use 8da4w, 4w or a sub-4-bit scheme)")
+        with torch.no_grad():
+            w = self.effective_weight().detach()
+            if s.name == "4w":
+                scale, zero = tinygemm_qparams(w, s.group_size)
+                self.weight_zero = nn.Parameter(zero.clone())
+            else:
+                scale = symmetric_scale(w, *s.weight_range, group_size=s.group_size)
+        self.weight_scale = nn.Parameter(scale.clone())
+
+    def learned_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(scale, zero)`` if this layer learns its ranges, else None; the scale clamped to the smallest
+        valid scale (as the min / max qparams are), so a scale trained to zero or below stays usable."""
+        scale = self._parameters.get("weight_scale")
+        if scale is None:
+            return None
+        return scale.clamp(min=self._min_scale()), self._parameters.get("weight_zero")
+
+    def _min_scale(self) -> float:
+        return 1e-6 if self.scheme.name == "4w" else torch.finfo(self.weight_scale.dtype).eps
+
+    @torch.no_grad()
+    def clamp_ranges_(self) -> int:
+        """Raise learned scales below the smallest valid scale to it, in place; returns how many were."""
+        if self._parameters.get("weight_scale") is None:
+            return 0
+        eps = self._min_scale()
+        low = self.weight_scale < eps
+        n = int(low.sum())
+        if n:
+            self.weight_scale.masked_fill_(low, eps)
+        return n
+
+
+class FakeQuantLinear(LearnedRanges, nn.Linear):
     """``nn.Linear`` whose forward simulates ``scheme``'s CPU inference numerics.
 
     Shapes: ``x[..., in_features] -> y[..., out_features]`` in ``x.dtype``. ``fake_quant_enabled=False``
@@ -35,10 +88,13 @@ class FakeQuantLinear(nn.Linear):
         new.fake_quant_enabled = True
         return new
 
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        return fake_quant_linear(x, self.weight, self.bias, self.scheme)
+        return fake_quant_linear(x, self.weight, self.bias, self.scheme, self.learned_qparams())
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this module's Parameters."""
@@ -110,7 +166,7 @@ def merged_lora_weight(module) -> torch.Tensor:
     return module.weight + (module.alpha / module.rank) * module.lora_b.weight @ module.lora_a.weight
 
 
-class FakeQuantLoRALinear(nn.Module):
+class FakeQuantLoRALinear(LearnedRanges, nn.Module):
     """A torchtune ``LoRALinear`` whose forward fake-quantizes the *merged* weight.
 
     LoRA adapters are merged into the base weight before deployment (torchtune's
@@ -148,11 +204,14 @@ class FakeQuantLoRALinear(nn.Module):
     def adapter_params(self) -> list[str]:
         return ["lora_a.weight", "lora_b.weight"]
 
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.disabled else merged_lora_weight(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.disabled else merged_lora_weight(self)
+        w = self.effective_weight()
         if not self.fake_quant_enabled:
             return F.linear(x, w, self.bias)
-        return fake_quant_linear(x, w, self.bias, self.scheme)
+        return fake_quant_linear(x, w, self.bias, self.scheme, self.learned_qparams())
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a new, detached Parameter)."""

@@ -11,6 +11,13 @@ how its fake-quant numerics are parametrised (weight bits / granularity / activa
 | 8da8w   | Int8DynamicActivationInt8WeightConfig()                                      |
 | q4_0    | llama.cpp Q4_0 weights, Q8_0 activations (``lowbit export --to gguf``)       |
 | q8_0    | llama.cpp Q8_0 weights, Q8_0 activations (``lowbit export --to gguf``)       |
+| 8da3w   | Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int3, PerGroup(g)) |
+| 8da2w   | Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int2, PerGroup(g)) |
+| 3w      | IntxWeightOnlyConfig(weight_dtype=torch.int3, granularity=PerGroup(g))      |
+| 2w      | IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(g))      |
+
+The sub-4-bit schemes are symmetric per group (int3: codes -4..3, scale = amax / 3.5; int2: -2..1,
+scale = amax / 1.5), the same ``IntxUnpackedToInt8Tensor`` numerics as ``8da4w`` with fewer codes.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ class Scheme:
     """A QAT scheme.
 
     Attributes:
-        name: ``"8da4w" | "4w" | "8w" | "8da8w"``.
+        name: ``"8da4w" | "4w" | "8w" | "8da8w" | "8da3w" | "8da2w" | "3w" | "2w"``.
         group_size: weight group size along ``in_features`` (None = per output channel).
-        weight_bits: 4 or 8.
+        weight_bits: 2, 3, 4 or 8.
         weight_symmetric: int4/int8 symmetric (``8da4w``, ``8w``, ``8da8w``) or uint4 asymmetric
             tinygemm-style (``4w``).
         activation: ``None`` (weight-only), ``"int8_asym_per_token"``, ``"int8_sym_per_token"`` or
@@ -54,10 +61,15 @@ class Scheme:
         )
         from torchao.quantization.granularity import PerGroup
 
-        if self.name == "8da4w":
+        if self.name in ("8da4w", "8da3w", "8da2w"):
             return Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=torch.int4, weight_granularity=PerGroup(self.group_size)
+                weight_dtype=self.weight_int_dtype, weight_granularity=PerGroup(self.group_size)
             )
+        if self.name in ("3w", "2w"):
+            from torchao.quantization import IntxWeightOnlyConfig
+
+            return IntxWeightOnlyConfig(weight_dtype=self.weight_int_dtype,
+                                        granularity=PerGroup(self.group_size))
         if self.name == "4w":
             return Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="opaque")
         if self.name == "8w":
@@ -92,9 +104,21 @@ class Scheme:
         return True
 
     @property
+    def weight_int_dtype(self) -> torch.dtype:
+        """The torch integer dtype of the weights (``torch.int2`` ... ``torch.int8``)."""
+        return getattr(torch, f"int{self.weight_bits}")
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        """``(qmin, qmax)`` of the weight codes: signed ``weight_bits`` integers, or uint4 for ``4w``."""
+        if not self.weight_symmetric:
+            return (0, 15)
+        return (-(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1)
+
+    @property
     def embedding_bits(self) -> int:
-        """Embeddings are weight-only: int4 per group for the 4-bit schemes, int8 per row otherwise."""
-        return 4 if self.weight_bits == 4 else 8
+        """Embeddings are weight-only: int4 per group for the 4-bit and lower schemes, int8 per row else."""
+        return 4 if self.weight_bits <= 4 else 8
 
     def embedding_config(self):
         """torchao ``IntxWeightOnlyConfig`` used for embeddings (int4 sym per group / int8 sym per row)."""
@@ -118,7 +142,8 @@ class Scheme:
         return f"{self.name}(group_size={self.group_size})"
 
 
-_DEFAULT_GROUP_SIZE = {"8da4w": 32, "4w": 128, "8w": None, "8da8w": None, "q4_0": 32, "q8_0": 32}
+_DEFAULT_GROUP_SIZE = {"8da4w": 32, "4w": 128, "8w": None, "8da8w": None,
+                       "8da3w": 32, "8da2w": 32, "3w": 32, "2w": 32, "q4_0": 32, "q8_0": 32}
 SCHEMES: tuple[str, ...] = tuple(_DEFAULT_GROUP_SIZE)
 # Schemes that simulate llama.cpp's block formats (blocks of 32, lowbit.quant.ggml), exported to GGUF.
 GGML_SCHEMES: tuple[str, ...] = ("q4_0", "q8_0")
@@ -140,9 +165,11 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
     """Return the :class:`Scheme` called ``name``.
 
     Args:
-        name: one of ``SCHEMES`` (``"8da4w"``, ``"4w"``, ``"8w"``, ``"8da8w"``, ``"q4_0"``, ``"q8_0"``).
-        group_size: weight group size for ``8da4w`` (positive power of two, default 32) and ``4w``
-            (32, 64 or 128, default 128). ``8w`` / ``8da8w`` are per-channel and reject a group size.
+        name: one of ``SCHEMES`` (``"8da4w"``, ``"4w"``, ``"8w"``, ``"8da8w"``, ``"8da3w"``, ``"8da2w"``,
+            ``"3w"``, ``"2w"``, ``"q4_0"``, ``"q8_0"``).
+        group_size: weight group size for ``8da4w`` and the sub-4-bit schemes (positive power of two,
+            default 32) and ``4w`` (32, 64 or 128, default 128). ``8w`` / ``8da8w`` are per-channel and
+            reject a group size; ``q4_0`` / ``q8_0`` have llama.cpp's blocks of 32.
 
     Raises:
         ValueError: unknown ``name`` or a ``group_size`` the scheme / its kernel cannot use.
@@ -177,4 +204,5 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
                 f"{_INT4_OPAQUE_GROUP_SIZES}, got {group_size}"
             )
         return Scheme(name, group_size, 4, False, None)
-    return Scheme(name, group_size, 4, True, "int8_asym_per_token")
+    bits = int(name.removeprefix("8da")[0])
+    return Scheme(name, group_size, bits, True, "int8_asym_per_token" if name.startswith("8da") else None)

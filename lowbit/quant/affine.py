@@ -319,3 +319,96 @@ def quant_dequant_int8_per_token_asym(x: torch.Tensor) -> torch.Tensor:
     zero_point = torch.round(lo / scale).neg_().add_(-128).clamp_(-128, 127)
     q = (x * (1.0 / scale)).round_().add_(zero_point).clamp_(-128, 127)
     return q.sub_(zero_point).mul_(scale)
+
+
+# ----------------------------------------------------------------------------- learned qparams (LSQ)
+class _FakeQuantLSQ(torch.autograd.Function):
+    """:func:`fake_quantize` with a trainable scale: the forward is the same expression (same values),
+    the backward is LSQ's (Esser et al., 2020).
+
+    With ``u = x / s`` and ``q = clamp(round(u) + zp)``: ``dx = grad`` where in range, 0 where clipped;
+    ``ds = sum over the group of grad * ((q - zp) - u * in_range)`` (``round(u) - u`` in range,
+    ``q - zp`` where clipped).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, group_size):
+        u, zp = _to_grid(x, scale, zero_point, group_size)
+        r = _round_add(u, zp)
+        q = torch.clamp(r, qmin, qmax)
+        in_range = _in_range_mask(r, q)
+        ctx.save_for_backward(u, q, in_range, zero_point)
+        ctx.group_size = group_size
+        return dequantize(q.view(x.shape), scale, zero_point, group_size=group_size, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, q, in_range, zero_point = ctx.saved_tensors
+        m = in_range.to(grad.dtype)
+        g = group_view(grad, ctx.group_size)
+        qz = q if zero_point is None else q - _expand(zero_point).to(q.dtype)
+        grad_scale = (g * (qz - u * m)).sum(-1)
+        return (g * m).view(grad.shape), grad_scale, None, None, None, None
+
+
+def fake_quantize_learned(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quantize` whose ``scale`` (``[..., K // g]``, a trainable tensor) gets LSQ gradients.
+
+    The values are exactly :func:`fake_quantize`'s for the same ``scale`` (so the converted model with
+    these qparams reproduces them bit for bit); the integer ``zero_point`` is not trained.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, group_size)
+    q = quantize(x, scale, zero_point, qmin, qmax, group_size=group_size)
+    return dequantize(q, scale, zero_point, group_size=group_size, dtype=x.dtype)
+
+
+class _FakeQuantTinygemmLSQ(torch.autograd.Function):
+    """:func:`fake_quantize_tinygemm` with trainable ``scale`` and float ``zero``; LSQ+ gradients.
+
+    With ``u = (w - (zero - mid * s)) / s`` and ``q = clamp(round(u))``, ``w_hat = (q - mid) * s + zero``:
+    ``dw = grad`` in range; ``ds = grad * ((q - mid) - (u - mid) * in_range)``;
+    ``dzero = grad * (1 - in_range)`` (a shift of the zero moves only the clipped values).
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, zero, group_size, qmin, qmax, dtype):
+        wg = group_view(w, group_size)
+        s = _expand(scale)
+        mid = (qmax + qmin + 1) / 2
+        u = (wg - (_expand(zero) - s * mid)) / s
+        r = torch.round(u)
+        q = torch.clamp(r, qmin, qmax)
+        in_range = _in_range_mask(r, q)
+        ctx.save_for_backward(u, q, in_range)
+        ctx.meta = (group_size, mid, w.shape, w.dtype)
+        return dequantize_tinygemm(q.view(w.shape), scale, zero, group_size, qmin=qmin, qmax=qmax,
+                                   dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, q, in_range = ctx.saved_tensors
+        group_size, mid, shape, wdtype = ctx.meta
+        g = group_view(grad.float(), group_size)
+        m = in_range.to(g.dtype)
+        grad_scale = (g * ((q - mid) - (u - mid) * m)).sum(-1)
+        grad_zero = (g * (1 - m)).sum(-1)
+        return (g * m).view(shape).to(wdtype), grad_scale, grad_zero, None, None, None, None
+
+
+def fake_quantize_tinygemm_learned(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                                   *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint4 tinygemm fake quant of ``w[N, K]`` with given (trainable) ``scale`` / ``zero``
+    ``[N, K // group_size]``; values equal :func:`dequantize_tinygemm` of :func:`quantize_tinygemm`."""
+    if torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad or zero.requires_grad):
+        return _FakeQuantTinygemmLSQ.apply(w, scale, zero, group_size, 0, 15, dtype)
+    q = quantize_tinygemm(w, scale, zero, group_size)
+    return dequantize_tinygemm(q, scale, zero, group_size, dtype=dtype)

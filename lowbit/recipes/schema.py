@@ -96,11 +96,27 @@ class TrainingConfig:
 
 
 @dataclass
+class DistillSection:
+    """Distillation from a frozen teacher: loss = kl_weight * T^2 KL(teacher || student) + ce_weight * CE."""
+
+    teacher: str | None = _f(None, path="or model name")  # null: the model as loaded, before prepare
+    temperature: float = _f(1.0, min=0.01)
+    kl_weight: float = _f(1.0, min=0.0)
+    ce_weight: float = _f(0.0, min=0.0)
+    teacher_dtype: str | None = _f(None, choices=("fp32", "bf16"))  # null: the training dtype
+
+
+@dataclass
 class QATSection:
     scheme: str = MISSING  # checked against lowbit.qat.SCHEMES by the recipe (with the group size)
     group_size: int | None = _f(None, min=1)
     fake_quant_after_n_steps: int = _f(0, min=0)
     embeddings: bool = False
+    distill: DistillSection | None = None  # null: plain next-token cross-entropy
+    freeze_embeddings: bool = False  # token embeddings (and a head tied to them) get no updates
+    learn_ranges: bool = False  # trainable per-group weight scales (and 4w zeros), LSQ gradients
+    ranges_lr: float | None = _f(None, min=0.0)  # learning rate of the learned qparams (null: optimizer lr)
+    train_weights: bool = True  # false: only the learned qparams train (needs learn_ranges)
 
 
 @dataclass

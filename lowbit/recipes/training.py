@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +44,17 @@ from lowbit.recipes.schema import TrainingConfig, check_paths, normalized, valid
 
 log = logging.getLogger("lowbit")
 
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    """What trains, in words: ``"all"``, or the trainable and frozen parameter names with layer indices
+    folded (``"layers.*.attn.q_proj.weight, ...; frozen: tok_embeddings.weight"``)."""
+    def names(trainable: bool) -> str:
+        return ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", n) for n, p in model.named_parameters()
+                                 if p.requires_grad == trainable}))
+
+    frozen = names(False)
+    return f"{names(True)}; frozen: {frozen}" if frozen else "all"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -75,6 +87,13 @@ class TrainingRecipe:
         """Extra keys for ``lowbit.json`` (e.g. ``qat_scheme``)."""
         return {}
 
+    def param_groups(self, model: torch.nn.Module) -> list:
+        """What the optimizer trains: the parameters that require grad (or param-group dicts)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (e.g. to project parameters back into their valid range)."""
+
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
@@ -100,7 +119,11 @@ class TrainingRecipe:
         if rt.distributed:
             model = shard_model(model, rt)
         self.model = model
-        self.optimizer = instantiate(cfg, "optimizer", model.parameters())
+        groups = self.param_groups(model)
+        trainable = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        if not trainable:
+            raise ConfigError("no parameter is trainable with this config (every parameter is frozen)")
+        self.optimizer = instantiate(cfg, "optimizer", groups)
         self.lr_scheduler = None
         if cfg.get("lr_scheduler"):
             self.lr_scheduler = instantiate(
@@ -110,8 +133,9 @@ class TrainingRecipe:
             self._resume()
         if cfg.get("compile", False):
             self.model.compile()  # in place: state-dict keys stay those of the plain model
-        log.info("%s: %d params, %d rows x %d tokens", self.recipe_name,
-                 sum(p.numel() for p in model.parameters()), *self.rows.shape)
+        log.info("%s: %d params (%d trainable: %s), %d rows x %d tokens", self.recipe_name,
+                 sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable),
+                 trainable_summary(model), *self.rows.shape)
 
     def _build_model_and_tokenizer(self):
         cfg = self.cfg
@@ -205,6 +229,7 @@ class TrainingRecipe:
                 self.optimizer.step()
                 for converter in self.converters:
                     converter.post_optimizer_hook(self.model)
+                self.after_optimizer_step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()

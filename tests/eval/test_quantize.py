@@ -229,3 +229,28 @@ def test_bad_input_errors(scheme, kwargs, match):
 def test_not_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         quantize_for_inference(torch.zeros(3), "4w")
+
+
+@pytest.mark.parametrize("scheme", ["8da4w", "8da3w", "8da2w"])
+def test_learned_qparams_on_the_bf16_int4pack_path_match_the_converted_model(scheme):
+    """Learned scales reach the tinygemm kernel: bf16 deployment == lowbit.qat.convert of the prepared
+    model in bf16 (torchao's own IntxUnpackedToInt8Tensor with the learned qparams), within bf16 rounding."""
+    from lowbit import qat
+
+    torch.manual_seed(0)
+    m = _lin(in_f=128, out_f=64).bfloat16()
+    prepared = qat.prepare(copy.deepcopy(m), scheme, group_size=32, learn_ranges=True)
+    with torch.no_grad():
+        prepared[0].weight_scale.mul_(torch.rand_like(prepared[0].weight_scale) + 0.5)
+    learned = {k: v.detach().clone() for k, v in qat.learned_qparams(prepared).items()}
+    reference = qat.convert(copy.deepcopy(prepared))  # the weights torchao holds, learned qparams written
+    ptq = qat.convert(qat.prepare(copy.deepcopy(m), scheme, group_size=32))
+    assert not torch.equal(reference[0].weight.scale, ptq[0].weight.scale)
+    deployed = quantize_for_inference(m, scheme, group_size=32, qparams=learned)
+    assert isinstance(deployed[0], Int8DynActInt4Linear)
+    x = torch.randn(7, 128).bfloat16()
+    with torch.no_grad():
+        assert _rel(deployed(x), reference(x)) < 1e-2
+    with pytest.raises(ValueError, match="learned qparam '0.weight_bias'"):
+        quantize_for_inference(_lin(in_f=128, out_f=64), scheme, group_size=32,
+                               qparams={"0.weight_bias": learned["0.weight_scale"]})

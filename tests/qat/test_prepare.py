@@ -95,10 +95,20 @@ def test_schemes_name_their_torchao_configs():
     assert isinstance(c, Int4WeightOnlyConfig) and c.group_size == 32 and c.int4_packing_format == "opaque"
     assert isinstance(qat.get_scheme("8w").inference_config(), Int8WeightOnlyConfig)
     assert isinstance(qat.get_scheme("8da8w").inference_config(), Int8DynamicActivationInt8WeightConfig)
-    assert qat.SCHEMES == ("8da4w", "4w", "8w", "8da8w", "q4_0", "q8_0")
+    assert qat.SCHEMES == ("8da4w", "4w", "8w", "8da8w", "8da3w", "8da2w", "3w", "2w", "q4_0", "q8_0")
     with pytest.raises(ValueError, match="'q4_0' simulates llama.cpp's Q4_0 format.*lowbit export --to gguf"):
         qat.get_scheme("q4_0").inference_config()
     assert qat.get_scheme("8da4w").group_size == 32 and qat.get_scheme("4w").group_size == 128
+    from torchao.quantization import IntxWeightOnlyConfig
+
+    for name, bits in (("8da3w", 3), ("8da2w", 2)):
+        c = qat.get_scheme(name, 16).inference_config()
+        assert isinstance(c, Int8DynamicActivationIntxWeightConfig)
+        assert c.weight_dtype == getattr(torch, f"int{bits}") and c.weight_granularity == PerGroup(16)
+    for name, bits in (("3w", 3), ("2w", 2)):
+        c = qat.get_scheme(name).inference_config()
+        assert isinstance(c, IntxWeightOnlyConfig) and c.weight_dtype == getattr(torch, f"int{bits}")
+        assert c.granularity == PerGroup(32) and qat.get_scheme(name).activation is None
 
 
 def test_enable_fake_quant_switches_to_plain_float():

@@ -205,3 +205,62 @@ def test_inference_int8_per_token_quant_dequant_equals_torchao(rows, k, dtype, s
     want = _apply_int8_act_asym_per_token_quant_dequant(x)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- learned qparams (LSQ)
+def _lsq_reference(w, scale, qmin, qmax, g):
+    """LSQ in float64 by autograd: ``clamp(u + (round(u) - u).detach()) * s``, ``u = w / s`` (per group)."""
+    w64 = w.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    u = w64.view(*w.shape[:-1], -1, g) / s64.unsqueeze(-1)
+    q = torch.clamp(u + (torch.round(u) - u).detach(), qmin, qmax)
+    return w64, s64, (q * s64.unsqueeze(-1)).view(w.shape)
+
+
+def test_fake_quantize_learned_values_and_lsq_gradients():
+    from lowbit.quant.affine import fake_quantize, fake_quantize_learned, symmetric_scale
+
+    torch.manual_seed(0)
+    for qmin, qmax, g in ((-8, 7, 16), (-4, 3, 32), (-2, 1, 8)):
+        w = torch.randn(6, 64, requires_grad=True)
+        scale = symmetric_scale(w, qmin, qmax, group_size=g) * (torch.rand(6, 64 // g) + 0.5)
+        scale.requires_grad_()
+        y = fake_quantize_learned(w, scale, None, qmin, qmax, group_size=g)
+        want = fake_quantize(w.detach(), scale.detach(), None, qmin, qmax, group_size=g)
+        assert torch.equal(y.detach(), want)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        w64, s64, y64 = _lsq_reference(w, scale, qmin, qmax, g)
+        y64.backward(grad.double())
+        assert torch.allclose(w.grad.double(), w64.grad, atol=1e-6)
+        assert torch.allclose(scale.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fake_quantize_tinygemm_learned_values_and_gradients():
+    from lowbit.quant.affine import (
+        dequantize_tinygemm,
+        fake_quantize_tinygemm_learned,
+        quantize_tinygemm,
+        tinygemm_qparams,
+    )
+
+    torch.manual_seed(1)
+    g = 32
+    w = torch.randn(4, 64, requires_grad=True)
+    scale, zero = tinygemm_qparams(w.detach(), g)
+    scale = (scale * (torch.rand_like(scale) * 0.6 + 0.6)).requires_grad_()
+    zero = (zero + 0.1 * scale.detach() * torch.randn_like(zero)).requires_grad_()
+    y = fake_quantize_tinygemm_learned(w, scale, zero, g)
+    q = quantize_tinygemm(w.detach(), scale.detach(), zero.detach(), g)
+    assert torch.equal(y.detach(), dequantize_tinygemm(q, scale.detach(), zero.detach(), g))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    # float64 autograd reference with a straight-through round
+    w64, s64, z64 = (t.detach().double().requires_grad_() for t in (w, scale, zero))
+    s, z = s64.unsqueeze(-1), z64.unsqueeze(-1)
+    u = (w64.view(4, 2, g) - (z - 8 * s)) / s
+    qq = torch.clamp(u + (torch.round(u) - u).detach(), 0, 15)
+    ((qq - 8) * s + z).view(4, 64).backward(grad.double())
+    assert torch.allclose(w.grad.double(), w64.grad, atol=1e-6)
+    assert torch.allclose(scale.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(zero.grad.double(), z64.grad, rtol=1e-4, atol=1e-5)
