@@ -121,3 +121,16 @@ def test_deploy_bad_input():
         deploy(prepared, "4w")
     with pytest.raises(ValueError, match="tied"):
         deploy(build_model("tiny", num_layers=1), {"qat_scheme": "8w", "qat_embeddings": True})
+
+
+def test_ggml_schemes_deploy_as_their_llama_cpp_simulation():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_layers=1).eval()
+    tokens = torch.randint(0, 1024, (1, 8))
+    ref = qat.prepare(copy.deepcopy(model), "q4_0")
+    deployed = deploy(model, "q4_0")
+    assert deployment_of(deployed).label == "q4_0" and deployment_of(deployed).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(deployed(tokens), ref(tokens))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        deploy(build_model("tiny", num_layers=1), "q8_0", group_size=64)
