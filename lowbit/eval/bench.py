@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from lowbit.eval.compile import compile_for_cpu
-from lowbit.eval.deployment import deploy, deployment_of
+from lowbit.eval.deployment import INFERENCE_SCHEMES, deploy, deployment_of
 from lowbit.eval.generate import Generator
 from lowbit.eval.quantize import model_bytes
 
 # Schemes with a torch CPU kernel (q4_0 / q8_0 run in llama.cpp: benchmarks/bench_vs_llamacpp.py).
-BENCH_SCHEMES: tuple[str, ...] = ("none", "8w", "8da8w", "4w", "8da4w")
+BENCH_SCHEMES: tuple[str, ...] = tuple(s for s in INFERENCE_SCHEMES if s not in ("q4_0", "q8_0"))
 
 RANDOM_WEIGHTS_NOTE = "random-weight preset: speed only, the generated text is meaningless"
 
