@@ -1,7 +1,7 @@
 """Issue 16: lowbit's CPU hand-off against llama.cpp on SmolLM2-135M, same machine, same prompt, same threads.
 
     .venv/bin/python benchmarks/bench_vs_llamacpp.py [--threads 2] [--prompt-len 64] [--decode 32]
-        [--rounds 3] [--schemes none,8w,4w,8da4w] [--modes eager,compiled]
+        [--rounds 3] [--schemes none,8w,4w,8da4w | none:eager,4w:compiled] [--modes eager,compiled]
         [--llama Q4_0,Q4_1,Q8_0,F16] [--qat-checkpoint CKPT] [--ppl-windows 8] [--out DIR]
 
 Arms: lowbit ``deploy`` per scheme (group size: the largest that divides SmolLM2's widths) eager and
@@ -174,7 +174,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--schemes", default="none,8w,4w,8da4w")
+    p.add_argument("--schemes", default="none,8w,4w,8da4w",
+                   help="lowbit schemes; SCHEME:MODE runs one mode only (e.g. none:eager,4w:compiled)")
     p.add_argument("--modes", default="eager,compiled")
     p.add_argument("--llama", default="Q4_0,Q4_1,Q8_0,F16", help="llama.cpp formats (Q4_1: the shipped file)")
     p.add_argument("--qat-checkpoint", default=None)
@@ -222,8 +223,10 @@ def main() -> None:
         arm.mem_mb = rss_mb() - r0
         arms.append(arm)
         print(f"  loaded {arm.name}: +{arm.mem_mb:.0f} MB resident", flush=True)
-    for scheme in [s.strip() for s in a.schemes.split(",") if s.strip()]:
-        for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for entry in [s.strip() for s in a.schemes.split(",") if s.strip()]:
+        scheme, _, only = entry.partition(":")  # "4w:compiled": that mode only
+        for mode in [only] if only else modes:
             gc.collect()
             r0 = rss_mb()
             arm = LowbitArm(base, scheme, mode, max_len)
@@ -234,6 +237,15 @@ def main() -> None:
             print(f"  loaded {arm.name}: +{arm.mem_mb:.0f} MB resident, first run (compile) "
                   f"{arm.compile_s:.1f} s", flush=True)
 
+    if arms:
+        speed_table(arms, prompt_ids, a)
+
+    if have_llama and a.ppl_windows:
+        perplexities(base, tok, out, a)
+
+
+def speed_table(arms, prompt_ids, a) -> None:
+    """Time every arm ``a.rounds`` times, interleaved, and print the table."""
     stats = {arm.name: ([], []) for arm in arms}
     for _ in range(a.rounds):
         for arm in arms:  # interleaved: every arm once per round
@@ -256,30 +268,36 @@ def main() -> None:
               f"{arm.weight_bytes / 2**20:.1f} | {arm.mem_mb:.0f} | {arm.compile_s:.1f} |", flush=True)
     print(f"(TTFT = prefill of {len(prompt_ids)} tokens + argmax; ratio column: decode tok/s / {ref}'s)")
 
-    if have_llama and a.ppl_windows:
-        from lowbit import qat
 
-        windows = token_windows(tok, documents("python-docs"), 256, a.ppl_windows)
-        print(f"\nperplexity on {windows.numel()} tokens of Python's documentation ({a.ppl_windows} windows "
-              "of 256), measured inside llama.cpp (and lowbit's fake quant of the same numbers):")
-        for kind in ("q4_0", "q8_0"):
-            ptq = out / f"smollm2_{kind}_ptq_f32emb.gguf"
-            if not ptq.exists():
-                export_gguf(MODEL, ptq, kind)
-            sim = lowbit_ppl(qat.prepare(copy.deepcopy(base), kind), windows)
-            print(f"  PTQ {kind}: llama.cpp {llama_ppl(ptq, windows, a.threads):.3f}  (lowbit fake quant "
-                  f"{sim:.3f})", flush=True)
-        print(f"  float: lowbit {lowbit_ppl(base, windows):.3f}")
-        if a.qat_checkpoint:
-            qmodel, _, qmeta = load_checkpoint(a.qat_checkpoint)
-            kind = qmeta.get("qat_scheme")
-            path = out / f"qat_{kind}.gguf"
-            export_gguf(a.qat_checkpoint, path, kind, force=True)
-            sim = lowbit_ppl(qat.prepare(qmodel, kind, embeddings=bool(qmeta.get("qat_embeddings"))), windows)
-            print(f"  QAT {kind} ({a.qat_checkpoint}): llama.cpp {llama_ppl(path, windows, a.threads):.3f}  "
-                  f"(lowbit fake quant {sim:.3f})")
-        else:
-            print("  QAT: no --qat-checkpoint given, PTQ only")
+def perplexities(base, tok, out: Path, a) -> None:
+    """PTQ (and QAT) perplexity inside llama.cpp, with lowbit's fake quant of the same numbers."""
+    from lowbit import qat
+    from lowbit.eval.divergence import token_windows
+    from lowbit.eval.gguf_export import export_gguf
+    from lowbit.eval.tasks import documents
+    from lowbit.models.checkpoint import load_checkpoint
+
+    windows = token_windows(tok, documents("python-docs"), 256, a.ppl_windows)
+    print(f"\nperplexity on {windows.numel()} tokens of Python's documentation ({a.ppl_windows} windows "
+          "of 256), measured inside llama.cpp (and lowbit's fake quant of the same numbers):")
+    for kind in ("q4_0", "q8_0"):
+        ptq = out / f"smollm2_{kind}_ptq_f32emb.gguf"
+        if not ptq.exists():
+            export_gguf(MODEL, ptq, kind)
+        sim = lowbit_ppl(qat.prepare(copy.deepcopy(base), kind), windows)
+        print(f"  PTQ {kind}: llama.cpp {llama_ppl(ptq, windows, a.threads):.3f}  (lowbit fake quant "
+              f"{sim:.3f})", flush=True)
+    print(f"  float: lowbit {lowbit_ppl(base, windows):.3f}")
+    if a.qat_checkpoint:
+        qmodel, _, qmeta = load_checkpoint(a.qat_checkpoint)
+        kind = qmeta.get("qat_scheme")
+        path = out / f"qat_{kind}.gguf"
+        export_gguf(a.qat_checkpoint, path, kind, force=True)
+        sim = lowbit_ppl(qat.prepare(qmodel, kind, embeddings=bool(qmeta.get("qat_embeddings"))), windows)
+        print(f"  QAT {kind} ({a.qat_checkpoint}): llama.cpp {llama_ppl(path, windows, a.threads):.3f}  "
+              f"(lowbit fake quant {sim:.3f})")
+    else:
+        print("  QAT: no --qat-checkpoint given, PTQ only")
 
 
 if __name__ == "__main__":
