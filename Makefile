@@ -28,8 +28,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# llama-cpp-python compiles llama.cpp for this machine's ISA (minutes)
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q -e ".[dev,bench]"
 
 clean:
 	rm -rf $(VENV) lowbit_demo .pytest_cache

@@ -7,6 +7,7 @@
     lowbit data --output DIR            (write the generated corpus and hellaswag-format task)
     lowbit data cloze --from FILE.txt|python-docs --output ITEMS.jsonl   (cloze items from real text)
     lowbit convert SRC --to hf DIR      (a Hugging Face Llama directory from a GGUF / checkpoint / name)
+    lowbit export CKPT --to gguf --type q4_0|q8_0|f16|f32 OUT.gguf   (a llama.cpp GGUF, QAT numerics kept)
 
 ``lowbit COMMAND --help`` describes each command.
 """
@@ -127,8 +128,10 @@ def _eval(argv: list[str]) -> int:
               f"± {k['kl_stderr']:.5f} (p99 {k['kl_p99']:.4f}), top-1 agreement {k['top1_agreement']:.4f} "
               f"± {k['top1_stderr']:.4f}, perplexity {k['ppl']:.3f} (reference {k['ppl_reference']:.3f})")
     info = results["lowbit"]
-    print(f"checkpoint: {info['checkpoint']}  scheme: {info['scheme'] or 'none (float)'}  "
-          f"compiled: {info['compiled']}")
+    embs = info["quantized_embeddings"]
+    print(f"checkpoint: {info['checkpoint']}  scheme: {info['scheme'] or 'none (float)'}  deployed: "
+          f"{info['deployed']} {info['dtype'].removeprefix('torch.')}"
+          f"{'  quantized embeddings: ' + ', '.join(embs) if embs else ''}  compiled: {info['compiled']}")
     if a.output:
         print(f"wrote {a.output}/results.json")
     return 0
@@ -300,7 +303,33 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "eval": _eval, "bench": _bench, "demo": _demo, "data": _data, "convert": _convert}
+def _export(argv: list[str]) -> int:
+    """``lowbit export CKPT --to gguf --type q4_0 OUT.gguf``: a llama.cpp GGUF whose blocks are exactly the
+    weights the checkpoint's QAT scheme (q4_0 / q8_0) simulated."""
+    from lowbit.eval.gguf_export import GGUF_TYPES, GGUFExportError, export_gguf
+
+    p = argparse.ArgumentParser(prog="lowbit export", description="Write a llama.cpp GGUF file from a lowbit "
+                                "checkpoint (QAT schemes q4_0 / q8_0 export bit-exactly; a float checkpoint "
+                                "is quantized with llama.cpp's rule), a GGUF or a model name.")
+    p.add_argument("source")
+    p.add_argument("--to", choices=["gguf"], required=True, help="output format")
+    p.add_argument("--type", required=True, help=f"tensor type of the linear layers: {', '.join(GGUF_TYPES)}")
+    p.add_argument("--float-type", choices=["f32", "f16"], default="f32",
+                   help="type of the matrices kept float (an unquantized embedding / tied head)")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    a = p.parse_args(argv)
+    try:
+        path = export_gguf(a.source, a.output, a.type, force=a.force, float_type=a.float_type)
+    except (GGUFExportError, FileExistsError) as e:
+        print(f"lowbit export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {a.type})")
+    return 0
+
+
+COMMANDS = {"run": _run, "eval": _eval, "bench": _bench, "demo": _demo, "data": _data, "convert": _convert,
+            "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,12 @@ import torch
 from torch import nn
 
 from lowbit.eval.compile import compile_for_cpu
+from lowbit.eval.deployment import INFERENCE_SCHEMES, deploy, deployment_of
 from lowbit.eval.generate import Generator
-from lowbit.eval.quantize import INFERENCE_SCHEMES, model_bytes, quantize_for_inference
+from lowbit.eval.quantize import model_bytes
+
+# Schemes with a torch CPU kernel (q4_0 / q8_0 run in llama.cpp: benchmarks/bench_vs_llamacpp.py).
+BENCH_SCHEMES: tuple[str, ...] = tuple(s for s in INFERENCE_SCHEMES if s not in ("q4_0", "q8_0"))
 
 RANDOM_WEIGHTS_NOTE = "random-weight preset: speed only, the generated text is meaningless"
 
@@ -96,7 +100,8 @@ def bench_model(model: nn.Module, *, prompt_len: int = 64, decode_tokens: int = 
 
     Returns:
         dict with ``prefill_tok_s``, ``ttft_ms``, ``decode_tok_s``, ``decode_ms``, ``peak_rss_mb``,
-        ``host_ms``, ``kernel_ms`` (None without ``profile``).
+        ``warmup_s`` (the first run, which compiles a compiled model), ``host_ms``, ``kernel_ms`` (None
+        without ``profile``).
     """
     if prompt_len < 1 or decode_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("prompt_len, decode_tokens, batch_size and repeats must all be >= 1")
@@ -120,7 +125,9 @@ def bench_model(model: nn.Module, *, prompt_len: int = 64, decode_tokens: int = 
             tok = gen.step(tok).argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - t)
 
+    t = time.perf_counter()
     run([], [], [])  # warm-up: compiles the prefill and decode graphs
+    warmup_s = time.perf_counter() - t
     steps, prefills, ttfts = [], [], []
     with _PeakRSS() as mem:
         for _ in range(repeats):
@@ -132,6 +139,7 @@ def bench_model(model: nn.Module, *, prompt_len: int = 64, decode_tokens: int = 
         "decode_tok_s": batch_size / step_s,
         "decode_ms": 1e3 * step_s,
         "peak_rss_mb": mem.peak / 2**20,
+        "warmup_s": warmup_s,
         "host_ms": None,
         "kernel_ms": None,
     }
@@ -148,7 +156,8 @@ def bench_model(model: nn.Module, *, prompt_len: int = 64, decode_tokens: int = 
 
 
 def _load(source: str | nn.Module, dtype: torch.dtype | None):
-    """(float model, description, vocab) from a preset name, a checkpoint dir or a model."""
+    """(float model, description, checkpoint metadata or None) from a preset name, a checkpoint or a
+    model."""
     if isinstance(source, nn.Module):
         return source.eval(), "given model", None
     src = str(source)
@@ -166,17 +175,18 @@ def _load(source: str | nn.Module, dtype: torch.dtype | None):
     from lowbit.models.checkpoint import load_checkpoint
 
     model, _tok, meta = load_checkpoint(path)
-    return model.eval(), f"checkpoint {meta.get('path', src)}", None
+    return model.eval(), f"checkpoint {meta.get('path', src)}", meta
 
 
 def parse_schemes(text: str) -> list[str]:
     schemes = [s.strip() for s in text.split(",") if s.strip()]
     if not schemes:
         raise ValueError("--schemes is empty; give e.g. none,8w,4w,8da4w")
-    bad = [s for s in schemes if s not in INFERENCE_SCHEMES]
+    bad = [s for s in schemes if s not in BENCH_SCHEMES]
     if bad:
         raise ValueError(
-            f"unknown scheme(s) {bad} in --schemes; expected names from {list(INFERENCE_SCHEMES)}"
+            f"unknown scheme(s) {bad} in --schemes; expected names from {list(BENCH_SCHEMES)} (llama.cpp's "
+            "formats: benchmarks/bench_vs_llamacpp.py)"
         )
     return schemes
 
@@ -188,18 +198,24 @@ def bench_rows(source: str | nn.Module, schemes: list[str], *, modes=("eager", "
     """Benchmark each (scheme, mode) on copies of one float model; returns (rows, description).
 
     ``none`` is benchmarked in the model's own dtype (the fp32 baseline) unless ``dtype`` is given;
-    the quantized schemes in ``dtype`` or their kernel's dtype (see ``quantize_for_inference``).
-    Each row also has ``speedup``: decode tok/s over the first row (the baseline).
+    the quantized schemes in ``dtype`` or their kernel's dtype, each through :func:`lowbit.eval.deploy`
+    (group size: ``group_size``, else the checkpoint's recorded one for its own scheme, else the largest
+    that divides the model's widths). A row's ``scheme`` is the deployment's label, e.g.
+    ``4w(group_size=64)`` (``[q/n linears]`` appended when some linears stayed float; deploy refuses a
+    mostly float model). Each row also has ``speedup``: decode tok/s over the first row (the baseline).
     """
     for m in modes:
         if m not in ("eager", "compiled"):
             raise ValueError(f"unknown mode {m!r}; expected 'eager' or 'compiled'")
-    base, desc, _ = _load(source, dtype)
+    base, desc, meta = _load(source, dtype)
     rows = []
     for scheme in schemes:
         for mode in modes:
             gs = group_size if scheme in ("4w", "8da4w") else None
-            model = quantize_for_inference(copy.deepcopy(base), scheme, group_size=gs, dtype=dtype)
+            # a checkpoint's own QAT scheme deploys as recorded (group size, embeddings)
+            spec = meta if meta and scheme == meta.get("qat_scheme") else scheme
+            model = deploy(copy.deepcopy(base), spec, group_size=gs, dtype=dtype)
+            label = deployment_of(model).label
             nbytes = model_bytes(model)
             mdtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
             if mode == "compiled":
@@ -208,10 +224,10 @@ def bench_rows(source: str | nn.Module, schemes: list[str], *, modes=("eager", "
             t = time.perf_counter()
             r = bench_model(model, prompt_len=prompt_len, decode_tokens=decode_tokens, batch_size=batch_size,
                             repeats=repeats, profile=profile)
-            row = {"scheme": scheme, "mode": mode, "dtype": str(mdtype).removeprefix("torch."),
+            row = {"scheme": label, "mode": mode, "dtype": str(mdtype).removeprefix("torch."),
                    "model_mb": nbytes / 2**20, **r, "wall_s": time.perf_counter() - t}
             rows.append(row)
-            log(f"  {scheme:6s} {mode:8s} {row['dtype']:8s} decode {row['decode_tok_s']:7.2f} tok/s  "
+            log(f"  {label:20s} {mode:8s} {row['dtype']:8s} decode {row['decode_tok_s']:7.2f} tok/s  "
                 f"prefill {row['prefill_tok_s']:8.1f} tok/s  ttft {row['ttft_ms']:7.1f} ms")
             del model
             gc.collect()
@@ -225,14 +241,16 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Markdown table of bench rows (speedup is decode tok/s relative to the first row)."""
+    """Markdown table of bench rows (speedup is decode tok/s relative to the first row; "first run s" is
+    the warm-up prefill + decode, which includes compilation for a compiled row)."""
     head = ("| scheme | mode | dtype | decode tok/s | speedup | prefill tok/s | TTFT ms | host ms/tok | "
-            "kernel ms/tok | model MB | peak RSS MB |")
+            "kernel ms/tok | model MB | peak RSS MB | first run s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['scheme']} | {r['mode']} | {r['dtype']} | {r['decode_tok_s']:.2f} | {r['speedup']:.2f}x | "
             f"{r['prefill_tok_s']:.1f} | {r['ttft_ms']:.1f} | {_fmt(r['host_ms'], '.2f')} | "
-            f"{_fmt(r['kernel_ms'], '.2f')} | {r['model_mb']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"{_fmt(r['kernel_ms'], '.2f')} | {r['model_mb']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{_fmt(r.get('warmup_s'), '.1f')} |"
         )
     return "\n".join(lines)

@@ -68,32 +68,32 @@ def task_manager(tasks: list[str], task_file: str | Path | None, text: str | Pat
 
 def prepare_for_inference(model, meta: dict | None, scheme: str | None = AUTO, compile: bool = False,
                           *, group_size: int | None = None, dtype: torch.dtype | None = None):
-    """Apply the inference quantization ``scheme`` (``"auto"``: the scheme recorded in the checkpoint
-    by the QAT recipe, else none; ``None`` / ``"none"``: float) and optionally compile for CPU.
+    """Deploy ``model`` for CPU inference (:func:`lowbit.eval.deploy`) and optionally compile it.
 
-    ``group_size``: default the recorded QAT group size (``"auto"``) or the scheme's default;
-    ``dtype``: see ``quantize_for_inference`` (``torch.float32`` reproduces fp32 fake quant exactly).
-    Returns ``(model, scheme_used)``.
+    ``scheme``: ``"auto"`` deploys what the checkpoint's ``meta`` records (``qat_scheme``,
+    ``qat_group_size``, ``qat_embeddings``; nothing recorded: float); the recorded scheme's name keeps
+    the recorded group size and embeddings; another name is PTQ with that scheme (group size: see
+    ``deploy``); ``None`` / ``"none"``: float. ``group_size`` / ``dtype`` override. Returns
+    ``(model, scheme_used)`` (``scheme_used``: the scheme name, None for float).
     """
-    if scheme == AUTO:
-        scheme = (meta or {}).get("qat_scheme")
-        if group_size is None:
-            group_size = (meta or {}).get("qat_group_size")
-    if scheme in (None, "none"):
-        scheme = None
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
-        from lowbit.eval.quantize import quantize_for_inference
+    from lowbit.eval.deployment import as_is, deploy, deployment_of
 
-        recorded = (meta or {}).get("qat_scheme"), (meta or {}).get("qat_group_size")
-        qparams = (meta or {}).get("qat_qparams") if (scheme, group_size) == recorded else None
-        model = quantize_for_inference(model, scheme, group_size=group_size, dtype=dtype, qparams=qparams)
+    recorded = (meta or {}).get("qat_scheme")
+    if scheme in (None, "none"):  # run the model as it is (float, or already deployed / fake-quantized)
+        model = as_is(model, dtype)
+    else:
+        if scheme == AUTO or scheme == recorded:
+            spec = {k: (meta or {}).get(k) for k in ("qat_scheme", "qat_group_size", "qat_embeddings",
+                                                       "qat_qparams")}
+        else:
+            spec = scheme
+        model = deploy(model, spec, group_size=group_size, dtype=dtype)
+    used = deployment_of(model).scheme
     if compile:
         from lowbit.eval.compile import compile_for_cpu
 
         model = compile_for_cpu(model, dynamic=True)  # lm-eval batch widths vary
-    return model, scheme
+    return model, (None if used == "none" or scheme in (None, "none") else used.split("(")[0])
 
 
 def evaluate(
@@ -144,8 +144,12 @@ def evaluate(
         results = {**run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples,
                                  batch_size),
                    **({"kl": results["kl"]} if "kl" in results else {})}
+    from lowbit.eval.deployment import deployment_of
+
+    dep = deployment_of(model)
     results["lowbit"] = {"scheme": scheme_used, "compiled": compile,
-                         "checkpoint": str(meta["path"]) if meta else None}
+                         "checkpoint": str(meta["path"]) if meta else None, "deployed": dep.label,
+                         "quantized_embeddings": dep.quantized_embeddings, "dtype": str(dep.dtype)}
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
 _PRE_TOKENIZERS = {
     # name: (split digits one by one first, regex)
     "gpt2": (False, _GPT2_PATTERN),
+    "gpt-2": (False, _GPT2_PATTERN),  # llama.cpp's name for the plain GPT-2 split
     "default": (False, _GPT2_PATTERN),
     "smollm": (True, _GPT2_PATTERN),
     "starcoder": (True, _GPT2_PATTERN),

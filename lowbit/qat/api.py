@@ -15,7 +15,7 @@ from lowbit.qat.modules import (
     FakeQuantLoRALinear,
     _lora_cls,
 )
-from lowbit.qat.schemes import Scheme, get_scheme
+from lowbit.qat.schemes import GGML_SCHEMES, Scheme, get_scheme
 from lowbit.quant.affine import quantize, quantize_tinygemm
 
 logger = logging.getLogger("lowbit.qat")
@@ -94,6 +94,9 @@ def prepare(
             raise ValueError(f"group_size={group_size} conflicts with scheme {scheme}")
     else:
         scheme = get_scheme(scheme, group_size)
+    if learn_ranges and scheme.name in GGML_SCHEMES:
+        raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} is llama.cpp's format, whose "
+                         "scale rule is fixed (llama.cpp recomputes nothing from a learned scale)")
     if learn_ranges and scheme.group_size is None:
         raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} has no weight groups (one "
                          "scale per output channel); learned ranges are for the per-group schemes "
@@ -195,19 +198,25 @@ def unprepare(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Strip the fake-quant wrappers and apply the scheme's torchao inference quantization, in place.
 
     Linears go through ``quantize_(model, scheme.inference_config())`` restricted to the layers that
     were prepared, then layers with learned ranges get their codes and qparams rewritten from the
     learned scale (and zero) (:func:`write_learned_qparams`); embeddings (if prepared) through
-    ``scheme.embedding_config()``; LoRA layers are merged first. The result is the deployable CPU model
-    whose forward the prepared model simulated.
+    ``scheme.embedding_config()``; LoRA layers are merged first. ``dtype`` (default: the model's) is
+    cast to first. ``lowbit.eval.deploy`` calls this and then moves bf16 ``8da4w`` (and ``8da3w`` /
+    ``8da2w``) onto the faster tinygemm int4 kernel (``Int8DynActInt4Linear``, within 1 bf16 ulp, not
+    bit-exact). The ggml schemes (``q4_0`` / ``q8_0``) stay their exact fake-quant simulation (their
+    deployment is a GGUF file, ``lowbit export``). The result is the deployable CPU model whose forward
+    the prepared model simulated.
 
     Raises:
         ValueError: the model was never prepared, or lives on the meta device.
     """
     from torchao.quantization import quantize_
+
+    from lowbit.qat.inference import float_dtype, keep_global_config
 
     mods = fake_quant_modules(model)
     if not mods:
@@ -223,14 +232,18 @@ def convert(model: nn.Module) -> nn.Module:
     clamp_learned_ranges_(model)
     learned = {n: tuple(None if t is None else t.detach() for t in m.learned_qparams())
                for n, m in mods.items() if getattr(m, "learned_qparams", lambda: None)() is not None}
+    model.to(dtype or float_dtype(model))  # the learned qparams above keep their own dtype
+    if scheme.name in GGML_SCHEMES:
+        return model
     unprepare(model)
     floats = {n: model.get_submodule(n).weight.detach() for n in learned}
-    if lin_fqns:
-        quantize_(model, scheme.inference_config(), filter_fn=lambda m, fqn: fqn in lin_fqns)
-    for fqn, (scale, zero) in learned.items():
-        write_learned_qparams(model.get_submodule(fqn).weight, floats[fqn], scheme, scale, zero)
-    if emb_fqns:
-        quantize_(model, scheme.embedding_config(), filter_fn=lambda m, fqn: fqn in emb_fqns)
+    with keep_global_config():
+        if lin_fqns:
+            quantize_(model, scheme.inference_config(), filter_fn=lambda m, fqn: fqn in lin_fqns)
+        for fqn, (scale, zero) in learned.items():
+            write_learned_qparams(model.get_submodule(fqn).weight, floats[fqn], scheme, scale, zero)
+        if emb_fqns:
+            quantize_(model, scheme.embedding_config(), filter_fn=lambda m, fqn: fqn in emb_fqns)
     return model
 
 

@@ -13,6 +13,9 @@ Every function takes ``x[..., K]``, ``weight[N, K]``, optional ``bias[N]`` and r
 - ``8w``: ``mm(x, int8_w.T) * scale (+ bias)`` as torchao's plain-layout int8 weight-only linear.
 - ``8da8w``: ``_int_mm(int8_x, int8_w.T)`` (exact int32), ``* x_scale``, ``* w_scale`` (+ bias). The
   integer product is computed exactly in fp32 (small K) or fp64, so it equals the int32 result.
+- ``q4_0`` / ``q8_0``: llama.cpp's block formats (``lowbit.quant.ggml``): fp32 weights quantized in
+  blocks of 32, activations quantized to Q8_0 blocks as llama.cpp's CPU matmuls do (``activation=None``
+  in the scheme turns that off), fp32 ``F.linear``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lowbit.quant import ggml
 from lowbit.quant.affine import (
     INT4,
     INT8,
@@ -121,6 +125,22 @@ def linear_8da8w(x, weight, bias):
     return y
 
 
+def fake_quant_weight_ggml(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """fp32 Q4_0 / Q8_0 quant-dequant of ``weight[..., K]`` (what llama.cpp dequantizes)."""
+    return ggml.fake_quant_q4_0(weight) if name == "q4_0" else ggml.fake_quant_q8_0(weight)
+
+
+def linear_ggml(x, weight, bias, scheme):
+    """llama.cpp Q4_0 / Q8_0 weights (x Q8_0 activations if ``scheme.activation``), fp32 compute."""
+    xf = x.float()
+    if scheme.activation is not None:
+        xf = ggml.fake_quant_act_q8_0(xf)
+    y = F.linear(xf, fake_quant_weight_ggml(weight, scheme.name))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def fake_quant_linear(x, weight, bias, scheme, qparams=None) -> torch.Tensor:
     """Dispatch to the scheme's fake-quantized linear (``scheme`` is a :class:`~lowbit.qat.Scheme`).
 
@@ -145,6 +165,8 @@ def fake_quant_linear(x, weight, bias, scheme, qparams=None) -> torch.Tensor:
         return linear_8w(x, weight, bias)
     if scheme.name == "8da8w":
         return linear_8da8w(x, weight, bias)
+    if scheme.name in ("q4_0", "q8_0"):
+        return linear_ggml(x, weight, bias, scheme)
     raise ValueError(f"unknown scheme {scheme.name!r}")
 
 

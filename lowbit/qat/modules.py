@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.qat.linear import fake_quant_linear, fake_quant_weight_int_sym
+from lowbit.qat.linear import fake_quant_linear, fake_quant_weight_ggml, fake_quant_weight_int_sym
 from lowbit.qat.schemes import Scheme
 from lowbit.quant.affine import symmetric_scale, tinygemm_qparams
 
@@ -133,7 +133,9 @@ class FakeQuantEmbedding(nn.Embedding):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.fake_quant_enabled:
+        if self.fake_quant_enabled and self.scheme.name in ("q4_0", "q8_0"):
+            w = fake_quant_weight_ggml(w, self.scheme.name).to(w.dtype)
+        elif self.fake_quant_enabled:
             g = self.scheme.group_size if self.scheme.embedding_bits == 4 else None
             w = fake_quant_weight_int_sym(w, self.scheme.embedding_bits, g)
         return F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type,

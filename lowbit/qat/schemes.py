@@ -9,6 +9,8 @@ how its fake-quant numerics are parametrised (weight bits / granularity / activa
 | 4w      | Int4WeightOnlyConfig(group_size=g, int4_packing_format="opaque")            |
 | 8w      | Int8WeightOnlyConfig()                                                       |
 | 8da8w   | Int8DynamicActivationInt8WeightConfig()                                      |
+| q4_0    | llama.cpp Q4_0 weights, Q8_0 activations (``lowbit export --to gguf``)       |
+| q8_0    | llama.cpp Q8_0 weights, Q8_0 activations (``lowbit export --to gguf``)       |
 | 8da3w   | Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int3, PerGroup(g)) |
 | 8da2w   | Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int2, PerGroup(g)) |
 | 3w      | IntxWeightOnlyConfig(weight_dtype=torch.int3, granularity=PerGroup(g))      |
@@ -39,7 +41,8 @@ class Scheme:
         weight_bits: 2, 3, 4 or 8.
         weight_symmetric: int4/int8 symmetric (``8da4w``, ``8w``, ``8da8w``) or uint4 asymmetric
             tinygemm-style (``4w``).
-        activation: ``None`` (weight-only), ``"int8_asym_per_token"`` or ``"int8_sym_per_token"``.
+        activation: ``None`` (weight-only), ``"int8_asym_per_token"``, ``"int8_sym_per_token"`` or
+            ``"q8_0"`` (llama.cpp's Q8_0 blocks of 32, the ggml schemes ``q4_0`` / ``q8_0``).
     """
 
     name: str
@@ -73,6 +76,9 @@ class Scheme:
             return Int8WeightOnlyConfig()
         if self.name == "8da8w":
             return Int8DynamicActivationInt8WeightConfig()
+        if self.name in GGML_SCHEMES:
+            raise ValueError(f"scheme {self.name!r} simulates llama.cpp's {self.name.upper()} format; it has "
+                             "no torchao config: deploy it with `lowbit export --to gguf`")
         raise AssertionError(self.name)
 
     def fits(self, module: nn.Module) -> bool:
@@ -127,16 +133,32 @@ class Scheme:
         """Whether an ``nn.Embedding`` can be weight-fake-quantized with this scheme."""
         if not isinstance(module, nn.Embedding):
             return False
-        g = self.group_size if self.embedding_bits == 4 else module.embedding_dim
+        g = self.group_size if self.embedding_bits == 4 or self.name in GGML_SCHEMES else module.embedding_dim
         return g >= 2 and module.embedding_dim % g == 0
 
     def __str__(self) -> str:
-        return self.name if self.group_size is None else f"{self.name}(group_size={self.group_size})"
+        if self.group_size is None or self.name in GGML_SCHEMES:
+            return self.name
+        return f"{self.name}(group_size={self.group_size})"
 
 
 _DEFAULT_GROUP_SIZE = {"8da4w": 32, "4w": 128, "8w": None, "8da8w": None,
-                       "8da3w": 32, "8da2w": 32, "3w": 32, "2w": 32}
+                       "8da3w": 32, "8da2w": 32, "3w": 32, "2w": 32, "q4_0": 32, "q8_0": 32}
 SCHEMES: tuple[str, ...] = tuple(_DEFAULT_GROUP_SIZE)
+# Schemes that simulate llama.cpp's block formats (blocks of 32, lowbit.quant.ggml), exported to GGUF.
+GGML_SCHEMES: tuple[str, ...] = ("q4_0", "q8_0")
+
+
+def group_size_candidates(name: str) -> tuple[int, ...]:
+    """Group sizes scheme ``name`` supports, largest first, none above its default (empty: per channel)."""
+    default = _DEFAULT_GROUP_SIZE[name]
+    if default is None:
+        return ()
+    if name in GGML_SCHEMES:
+        return (32,)
+    if name == "4w":
+        return tuple(sorted(_INT4_OPAQUE_GROUP_SIZES, reverse=True))
+    return tuple(default >> i for i in range(default.bit_length() - 1))  # 8da4w: 32, 16, ..., 2
 
 
 def get_scheme(name: str, group_size: int | None = None) -> Scheme:
@@ -144,10 +166,10 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
 
     Args:
         name: one of ``SCHEMES`` (``"8da4w"``, ``"4w"``, ``"8w"``, ``"8da8w"``, ``"8da3w"``, ``"8da2w"``,
-            ``"3w"``, ``"2w"``).
+            ``"3w"``, ``"2w"``, ``"q4_0"``, ``"q8_0"``).
         group_size: weight group size for ``8da4w`` and the sub-4-bit schemes (positive power of two,
             default 32) and ``4w`` (32, 64 or 128, default 128). ``8w`` / ``8da8w`` are per-channel and
-            reject a group size.
+            reject a group size; ``q4_0`` / ``q8_0`` have llama.cpp's blocks of 32.
 
     Raises:
         ValueError: unknown ``name`` or a ``group_size`` the scheme / its kernel cannot use.
@@ -161,6 +183,11 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
                 f"got {group_size!r}"
             )
         return Scheme(name, None, 8, True, "int8_sym_per_token" if name == "8da8w" else None)
+    if name in GGML_SCHEMES:
+        if group_size not in (None, 32):
+            raise ValueError(f"scheme {name!r} (llama.cpp {name.upper()}) has blocks of 32; group_size must "
+                             f"be None or 32, got {group_size!r}")
+        return Scheme(name, 32, 4 if name == "q4_0" else 8, True, "q8_0")
     if group_size is None:
         group_size = _DEFAULT_GROUP_SIZE[name]
     if (

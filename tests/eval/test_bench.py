@@ -118,7 +118,8 @@ def test_cli_bad_input(capsys):
 def test_markdown_table_columns():
     row = {"scheme": "4w", "mode": "compiled", "dtype": "bfloat16", "decode_tok_s": 10.0, "speedup": 2.0,
            "prefill_tok_s": 100.0, "ttft_ms": 5.0, "host_ms": None, "kernel_ms": 1.5, "model_mb": 3.0,
-           "peak_rss_mb": 400.0}
+           "peak_rss_mb": 400.0, "warmup_s": 61.25}
     lines = markdown_table([row]).splitlines()
-    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
-    assert "| 4w | compiled | bfloat16 | 10.00 | 2.00x | 100.0 | 5.0 | - | 1.50 | 3.0 | 400 |" == lines[2]
+    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
+    assert lines[2] == ("| 4w | compiled | bfloat16 | 10.00 | 2.00x | 100.0 | 5.0 | - | 1.50 | 3.0 | 400 | "
+                        "61.2 |")

@@ -37,17 +37,17 @@ def test_fake_quant_and_deployed_model_choose_the_same_endings(trained, scheme, 
 
 def test_lowbit_eval_passes_group_size_and_dtype(trained, monkeypatch, capsys):
     from lowbit import cli
-    from lowbit.eval import quantize
+    from lowbit.eval import deployment as deploy
 
     run, task = trained
     seen = []
-    real = quantize.quantize_for_inference
+    real = deploy.deploy
 
     def spy(model, scheme, **kw):
         seen.append((scheme, kw))
         return real(model, scheme, **kw)
 
-    monkeypatch.setattr(quantize, "quantize_for_inference", spy)
+    monkeypatch.setattr(deploy, "deploy", spy)
     assert (
         cli.main(
             [

@@ -95,7 +95,9 @@ def test_schemes_name_their_torchao_configs():
     assert isinstance(c, Int4WeightOnlyConfig) and c.group_size == 32 and c.int4_packing_format == "opaque"
     assert isinstance(qat.get_scheme("8w").inference_config(), Int8WeightOnlyConfig)
     assert isinstance(qat.get_scheme("8da8w").inference_config(), Int8DynamicActivationInt8WeightConfig)
-    assert qat.SCHEMES == ("8da4w", "4w", "8w", "8da8w", "8da3w", "8da2w", "3w", "2w")
+    assert qat.SCHEMES == ("8da4w", "4w", "8w", "8da8w", "8da3w", "8da2w", "3w", "2w", "q4_0", "q8_0")
+    with pytest.raises(ValueError, match="'q4_0' simulates llama.cpp's Q4_0 format.*lowbit export --to gguf"):
+        qat.get_scheme("q4_0").inference_config()
     assert qat.get_scheme("8da4w").group_size == 32 and qat.get_scheme("4w").group_size == 128
     from torchao.quantization import IntxWeightOnlyConfig
 
