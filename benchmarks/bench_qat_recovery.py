@@ -179,7 +179,7 @@ def main() -> None:
         rows["ptq"] = measure(f"PTQ {scheme} g{g}", ptq, tok, reference, windows, task_file)
         del ptq
         curve = []
-        for kind in [k for k in ("qat", "control", "torchao") if k in arms]:
+        for kind in [k for k in ("qat", "torchao", "control") if k in arms]:
             if kind == "torchao" and scheme != "8da4w":
                 continue
             run_dir, seconds, tokens = train(kind, out, scheme, g, a)
