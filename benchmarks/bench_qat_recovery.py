@@ -178,7 +178,7 @@ def main() -> None:
         ptq, _ = prepare_for_inference(copy.deepcopy(float_model), None, scheme, group_size=g)
         rows["ptq"] = measure(f"PTQ {scheme} g{g}", ptq, tok, reference, windows, task_file)
         del ptq
-        curve = []
+        curve = [{"tokens": 0, "kl_mean": rows["ptq"]["kl_mean"], "ppl": rows["ptq"]["ppl"]}]
         for kind in [k for k in ("qat", "torchao", "control") if k in arms]:
             if kind == "torchao" and scheme != "8da4w":
                 continue
