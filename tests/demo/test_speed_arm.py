@@ -11,9 +11,11 @@ def test_run_speed_arm_writes_markdown_rows_and_plot(tmp_path):
     model = build_model("tiny", num_layers=1).eval()
     res = run_speed_arm(model, "4w", tmp_path, modes=("eager",), prompt_len=4, decode_tokens=2, repeats=1,
                         log=lambda *_: None)
-    assert [(r["scheme"], r["mode"]) for r in res["rows"]] == [("none", "eager"), ("4w", "eager")]
-    assert res["markdown"].count("\n| ") == 3 and "| 4w | eager | bfloat16 |" in res["markdown"]
+    rows = [(r["scheme"], r["mode"]) for r in res["rows"]]
+    assert rows == [("none", "eager"), ("4w(group_size=128)", "eager")]  # labelled with the group size used
+    assert res["markdown"].count("\n| ") == 3
+    assert "| 4w(group_size=128) | eager | bfloat16 |" in res["markdown"]
     assert (tmp_path / "decode_tok_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "speed.json").read_text())["rows"][1]["scheme"] == "4w"
+    assert json.loads((tmp_path / "speed.json").read_text())["rows"][1]["scheme"] == "4w(group_size=128)"
     # the float model handed in is not modified (each arm quantizes a copy)
     assert type(model.layers[0].attn.q_proj.weight) is torch.nn.Parameter
