@@ -7,6 +7,7 @@ from lowbit.cli import main as lowbit_main
 from tests.conftest import SMALL_RUN
 
 
+@pytest.mark.slow  # ~40 s: a whole tiny demo (pretrain, lm-eval, one arm); CI runs it in `make test-slow`
 def test_demo_runs_an_arm_and_reports_the_measured_figures(tmp_path):
     """The base run and the float8 arm (the cheapest: two short trainings) on a small model; every
     figure in the report is read back from the runs' own files."""

@@ -50,6 +50,7 @@ def crash_after_first_save(src, dst):
     return dst
 
 
+@pytest.mark.slow  # ~50 s for both: accelerate launches; CI runs them in `make test-slow`
 @pytest.mark.parametrize("processes,args", [
     (1, ["--optimizer", "adamw8bit", "--qat", "8da4w", "--grad-accum", "2", "--batch-size", "4"]),
     (2, ["--optimizer", "adamw4bit", "--float8", "tensorwise", "--grad-accum", "1", "--batch-size", "2"]),
