@@ -367,8 +367,7 @@ def fake_quantize_learned(
     """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, group_size)
-    q = quantize(x, scale, zero_point, qmin, qmax, group_size=group_size)
-    return dequantize(q, scale, zero_point, group_size=group_size, dtype=x.dtype)
+    return fake_quantize(x, scale, zero_point, qmin, qmax, group_size=group_size)  # no gradient needed
 
 
 class _FakeQuantTinygemmLSQ(torch.autograd.Function):
