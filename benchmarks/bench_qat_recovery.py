@@ -96,6 +96,7 @@ def train(kind: str, out: Path, scheme: str, g: int, a) -> tuple[Path, float, in
         f"lr_scheduler.num_warmup_steps={a.warmup}",
         "keep_last=1000",
         f"checkpoint_every={a.curve_every if kind == 'qat' else a.steps}",
+        f"autocast={'null' if a.autocast == 'none' else a.autocast}",
     ]
     t = time.perf_counter()
     if kind == "qat":
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--no-learn-ranges", dest="learn_ranges", action="store_false",
                     help="QAT arm: qat.learn_ranges=false (the config learns them)")
     ap.add_argument("--ranges-lr", type=float, default=None)
+    ap.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
+                    help="every training arm's matmuls in bf16 on fp32 weights (none: fp32)")
     ap.add_argument("--ce-weight", type=float, default=0.0, help="QAT arm: qat.distill.ce_weight")
     ap.add_argument(
         "--curve-every", type=int, default=10, help="QAT arm: a checkpoint (and KL) every N steps"

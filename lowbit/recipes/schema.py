@@ -82,6 +82,7 @@ class TrainingConfig:
     lr_scheduler: dict[str, Any] | None = _f(None, component=True)
     clip_grad_norm: float | None = _f(None, min=0.0)
     dtype: str = _f("fp32", choices=("fp32", "bf16"))
+    autocast: str | None = _f(None, choices=("bf16",))  # matmuls in bf16 on fp32 weights (torch.autocast)
     device: str | None = _f(None, choices=("cpu", "cuda", "auto"))  # null: auto
     compile: bool = False
     float8: Float8Section | None = None

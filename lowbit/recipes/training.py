@@ -100,6 +100,10 @@ class TrainingRecipe:
         check_paths(cfg, self.CONFIG_SCHEMA)
         torch.manual_seed(cfg.seed)
         self.dtype = DTYPE_NAMES[cfg.dtype]
+        self.autocast_dtype = DTYPE_NAMES[cfg.autocast] if cfg.get("autocast") else None
+        if self.autocast_dtype is not None and cfg.get("float8"):
+            raise ConfigError("config keys 'autocast' and 'float8' exclude each other: float8 training "
+                              "casts its matmuls itself (set autocast: null)")
         self.rt = rt = init_runtime(cfg.get("device"))
         if cfg.batch_size % rt.world_size:
             raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}, the global batch) must be "
@@ -202,6 +206,11 @@ class TrainingRecipe:
         logits = self.model(rows[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
 
+    def autocast(self) -> torch.autocast:
+        """The forward's precision context: ``torch.autocast`` to ``cfg.autocast`` when set, else a no-op."""
+        on = self.autocast_dtype is not None
+        return torch.autocast(self.rt.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=on)
+
     def train(self) -> None:
         cfg = self.cfg
         accum = cfg.get("gradient_accumulation_steps", 1)
@@ -219,7 +228,8 @@ class TrainingRecipe:
                 t0 = time.perf_counter()
                 total = 0.0
                 for micro in self.local_micro_batches(step):
-                    loss = self.loss_on(micro) / accum
+                    with self.autocast():
+                        loss = self.loss_on(micro) / accum
                     loss.backward()
                     total += loss.item()
                 total = self.rt.mean(total)
