@@ -161,9 +161,17 @@ def _lora_cls():
     return LoRALinear
 
 
+def merge_lora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
+                      alpha: float) -> torch.Tensor:
+    """``W + ((alpha / rank) * B) @ A`` (``W [out, in]``, ``A [rank, in]``, ``B [out, rank]``), the same
+    expression torchtune's ``get_merged_lora_ckpt`` uses."""
+    return weight + (alpha / rank) * lora_b @ lora_a
+
+
 def merged_lora_weight(module) -> torch.Tensor:
-    """``W + ((alpha / rank) * B) @ A``, the same expression torchtune's ``get_merged_lora_ckpt`` uses."""
-    return module.weight + (module.alpha / module.rank) * module.lora_b.weight @ module.lora_a.weight
+    """:func:`merge_lora_weight` of a ``LoRALinear``'s (or :class:`FakeQuantLoRALinear`'s) tensors."""
+    return merge_lora_weight(module.weight, module.lora_a.weight, module.lora_b.weight, module.rank,
+                             module.alpha)
 
 
 class FakeQuantLoRALinear(LearnedRanges, nn.Module):

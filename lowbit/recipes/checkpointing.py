@@ -47,13 +47,16 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path) -> None:
-    """Write checkpoint ``final`` atomically; a collective: every rank calls it."""
+def save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path,
+         float_weights=None) -> None:
+    """Write checkpoint ``final`` atomically; a collective: every rank calls it. ``float_weights`` maps the
+    full model state dict to what ``model.safetensors`` holds (default: itself)."""
     with _interrupt_after_write():
-        _save(final, rt, model, optimizer, meta, state, tokenizer_dir)
+        _save(final, rt, model, optimizer, meta, state, tokenizer_dir, float_weights or (lambda sd: sd))
 
 
-def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path) -> None:
+def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path,
+          float_weights) -> None:
     tmp = final.with_name(f".tmp-{final.name}")
     if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +68,7 @@ def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, t
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rt.is_main:
-            save_model_dir(tmp, full, {**meta, "optimizer": optimizer_name(optimizer)}, tokenizer_dir)
+            save_model_dir(tmp, float_weights(full), {**meta, "optimizer": optimizer_name(optimizer)}, tokenizer_dir)
             torch.save(state, tmp / STATE_FILE)
     except BaseException:
         if not rt.distributed:  # with several ranks the next run's start removes the leftover

@@ -28,6 +28,7 @@ from lowbit import qat
 from lowbit.models.checkpoint import load_checkpoint
 from lowbit.models.presets import ModelArgs
 from lowbit.models.tokenizer import vocab_size_of
+from lowbit.qat.lora import ADAPTER_SUFFIXES, add_lora, merge_lora_state_dict
 from lowbit.qat.modules import QPARAM_NAMES
 from lowbit.quant.dtypes import DTYPE_NAMES
 from lowbit.recipes.config import ConfigError, origin, parse
@@ -89,12 +90,15 @@ class QATRecipe(TrainingRecipe):
         if self.distill is not None:
             self.teacher = self._build_teacher(model)
         q = self.cfg.qat
+        if q.lora is not None:
+            self._add_lora(model)
         try:
             qat.prepare(model, self.scheme, embeddings=self.embeddings, learn_ranges=q.learn_ranges)
         except ValueError as e:
             raise ConfigError(f"config key 'qat.learn_ranges' in {origin(self.cfg, 'qat.learn_ranges')}: "
                               f"{e}") from None
-        left = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+        left = [(n, m) for n, m in model.named_modules()
+                if type(m) is torch.nn.Linear and not n.endswith((".lora_a", ".lora_b"))]
         if left:
             name, m = left[0]
             raise ConfigError(
@@ -113,11 +117,33 @@ class QATRecipe(TrainingRecipe):
             for name, p in model.named_parameters():
                 if name.rpartition(".")[2] not in QPARAM_NAMES:
                     p.requires_grad_(False)
+        if q.lora is not None:  # the adapters (and learned ranges) train; every other weight is frozen
+            for name, p in model.named_parameters():
+                if not name.endswith(ADAPTER_SUFFIXES) and name.rpartition(".")[2] not in QPARAM_NAMES:
+                    p.requires_grad_(False)
         n = len(qat.fake_quant_modules(model))
         log.info("qat_recipe: %d layers fake-quantized with %s%s", n, self.scheme,
                  f" from step {self.fake_quant_after + 1}" if self.fake_quant_after else "")
         self._set_fake_quant(model, self.fake_quant_after == 0)
         return model
+
+    def _add_lora(self, model: torch.nn.Module) -> None:
+        q = self.cfg.qat
+        if not q.train_weights:
+            raise ConfigError(f"config key 'qat.train_weights' in {origin(self.cfg, 'qat.train_weights')}: "
+                              "false freezes the LoRA adapters of qat.lora too; set one of them")
+        try:
+            names = add_lora(model, list(q.lora.targets), q.lora.rank, q.lora.alpha)
+        except ValueError as e:
+            raise ConfigError(f"config key 'qat.lora.targets' in {origin(self.cfg, 'qat.lora.targets')}: "
+                              f"{e}") from None
+        log.info("qat_recipe: LoRA rank %d, alpha %g on %d layers (%s)", q.lora.rank, q.lora.alpha,
+                 len(names), ", ".join(q.lora.targets))
+
+    def float_weights(self, state_dict: dict) -> dict:
+        """With LoRA, the checkpoint's float model holds the merged weights the fake quant saw."""
+        lora = self.cfg.qat.lora
+        return state_dict if lora is None else merge_lora_state_dict(state_dict, lora.rank, lora.alpha)
 
     def _build_teacher(self, student: torch.nn.Module) -> torch.nn.Module:
         """The frozen teacher: the model as loaded (before prepare), or ``qat.distill.teacher``."""

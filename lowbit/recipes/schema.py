@@ -108,6 +108,15 @@ class DistillSection:
 
 
 @dataclass
+class LoRASection:
+    """LoRA adapters on the named linears (torchtune names); only they (and learned ranges) train."""
+
+    rank: int = _f(8, min=1)
+    alpha: float = _f(16.0, min=0.0)
+    targets: list[str] = _f(factory=lambda: ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"])
+
+
+@dataclass
 class QATSection:
     scheme: str = MISSING  # checked against lowbit.qat.SCHEMES by the recipe (with the group size)
     group_size: int | None = _f(None, min=1)
@@ -118,6 +127,7 @@ class QATSection:
     learn_ranges: bool = False  # trainable per-group weight scales (and 4w zeros), LSQ gradients
     ranges_lr: float | None = _f(None, min=0.0)  # learning rate of the learned qparams (null: optimizer lr)
     train_weights: bool = True  # false: only the learned qparams train (needs learn_ranges)
+    lora: LoRASection | None = None  # null: full fine-tune; else adapters on frozen weights (merged on save)
 
 
 @dataclass

@@ -91,6 +91,10 @@ class TrainingRecipe:
         """What the optimizer trains: the parameters that require grad (or param-group dicts)."""
         return [p for p in model.parameters() if p.requires_grad]
 
+    def float_weights(self, state_dict: dict) -> dict:
+        """The checkpoint's plain float model (``model.safetensors``) from the full model state dict."""
+        return state_dict
+
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (e.g. to project parameters back into their valid range)."""
 
@@ -284,7 +288,8 @@ class TrainingRecipe:
             "step": step, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
             "rng": torch.get_rng_state(), "losses": self.losses,
         }
-        checkpointing.save(final, self.rt, self.model, self.optimizer, meta, state, self.tokenizer_dir)
+        checkpointing.save(final, self.rt, self.model, self.optimizer, meta, state, self.tokenizer_dir,
+                           self.float_weights)
         state_bytes = self.rt.gather(local_state_bytes(self.optimizer))
         if not self.rt.is_main:
             return final
