@@ -68,7 +68,8 @@ def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, t
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rt.is_main:
-            save_model_dir(tmp, float_weights(full), {**meta, "optimizer": optimizer_name(optimizer)}, tokenizer_dir)
+            save_model_dir(tmp, float_weights(full), {**meta, "optimizer": optimizer_name(optimizer)},
+                           tokenizer_dir)
             torch.save(state, tmp / STATE_FILE)
     except BaseException:
         if not rt.distributed:  # with several ranks the next run's start removes the leftover
