@@ -19,7 +19,7 @@ top-1 agreement on ``--kl-windows`` windows of 512 tokens (second halves scored)
 perplexity. The QAT arm keeps a checkpoint every ``--curve-every`` steps; each is deployed and its KL
 measured, for the recovery-vs-tokens plot.
 
-    python benchmarks/bench_qat_recovery.py --schemes 8da4w:32 --steps 40 --items 300 --out bench_runs/qat
+    python benchmarks/bench_qat_recovery.py --schemes 8da4w:32 --out bench_runs/qat   # ~55 min on 2 cores
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="8da4w:32", help="scheme:group_size, comma-separated")
     ap.add_argument("--arms", default="ptq,qat,control,torchao")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--no-learn-ranges", dest="learn_ranges", action="store_false",
                     help="QAT arm: qat.learn_ranges=false (the config learns them)")
     ap.add_argument("--ranges-lr", type=float, default=None)
@@ -142,11 +142,11 @@ def main() -> None:
                     help="every training arm's matmuls in bf16 on fp32 weights (none: fp32)")
     ap.add_argument("--ce-weight", type=float, default=0.0, help="QAT arm: qat.distill.ce_weight")
     ap.add_argument(
-        "--curve-every", type=int, default=10, help="QAT arm: a checkpoint (and KL) every N steps"
+        "--curve-every", type=int, default=32, help="QAT arm: a checkpoint (and KL) every N steps"
     )
     ap.add_argument("--items", type=int, default=300, help="cloze items (0: no cloze)")
     ap.add_argument(
-        "--kl-windows", type=int, default=16, help="512-token windows for perplexity / KL / top-1"
+        "--kl-windows", type=int, default=8, help="512-token windows for perplexity / KL / top-1"
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_runs/qat_recovery")
