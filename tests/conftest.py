@@ -28,3 +28,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_deploys_exactly(fake_quant_model, plain_model, meta: dict, scheme: str, vocab_size: int = 300):
+    """``lowbit eval``'s deploy path (fp32) of a checkpoint's plain model + metadata gives the fake-quant
+    model's logits bit for bit, with the recorded scheme."""
+    from lowbit.eval.evaluate import prepare_for_inference
+
+    x = torch.randint(0, vocab_size, (2, 16))
+    with torch.no_grad():
+        want = fake_quant_model(x)
+        deployed, used = prepare_for_inference(plain_model, meta, dtype=torch.float32)
+        got = deployed(x)
+    assert used == scheme and torch.equal(want, got)

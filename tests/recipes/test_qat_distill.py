@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import qat
-from lowbit.eval.evaluate import prepare_for_inference
 from lowbit.models.checkpoint import load_checkpoint
 from lowbit.recipes.config import ConfigError, load_config
 from lowbit.recipes.qat_recipe import QATRecipe, distillation_loss
 from lowbit.recipes.training import run
-from tests.conftest import SMALL_RUN
+from tests.conftest import SMALL_RUN, assert_deploys_exactly
 
 
 def _cfg(tmp_path, *extra):
@@ -80,12 +79,7 @@ def test_ranges_only_run_changes_only_the_scales_and_deploys_exactly(tmp_path):
     # lowbit eval's deploy path with the recorded scheme (fp32) equals the prepared model's forward
     prepared = qat.prepare(load_checkpoint(ckpt)[0], "8da4w", group_size=16)
     qat.load_learned_qparams(prepared, learned)
-    x = torch.randint(0, 300, (2, 16))
-    with torch.no_grad():
-        y_fq = prepared(x)
-        deployed, used = prepare_for_inference(model, meta, dtype=torch.float32)
-        y = deployed(x)
-    assert used == "8da4w" and torch.equal(y_fq, y)
+    assert_deploys_exactly(prepared, model, meta, "8da4w")
 
 
 def test_distill_and_ranges_bad_input(tmp_path):

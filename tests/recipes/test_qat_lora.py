@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from lowbit import qat
-from lowbit.eval.evaluate import prepare_for_inference
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
 from lowbit.recipes.config import ConfigError, load_config
 from lowbit.recipes.qat_recipe import QATRecipe
 from lowbit.recipes.training import run
-from tests.conftest import SMALL_RUN
+from tests.conftest import SMALL_RUN, assert_deploys_exactly
 
 
 def _cfg(tmp_path, *extra):
@@ -42,12 +41,7 @@ def test_lora_qat_trains_adapters_only_and_its_checkpoint_deploys_exactly(tmp_pa
         want = m.weight + 2.0 * (m.lora_b.weight @ m.lora_a.weight)
         torch.testing.assert_close(plain.get_submodule(name).weight, want, rtol=1e-6, atol=1e-7)
         assert torch.equal(plain.get_submodule(name).weight, qat.modules.merged_lora_weight(m))
-    x = torch.randint(0, 300, (2, 16))
-    with torch.no_grad():
-        y_train = model(x)
-        deployed, used = prepare_for_inference(plain, meta, dtype=torch.float32)
-        y_deployed = deployed(x)
-    assert used == "8da4w" and torch.equal(y_train, y_deployed)
+    assert_deploys_exactly(model, plain, meta, "8da4w")
 
 
 def test_lora_bad_input(tmp_path):
