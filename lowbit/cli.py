@@ -209,7 +209,7 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--output", default="lowbit_demo", help="directory for runs and report.md")
     p.add_argument("--items", type=int, help="cloze items per arm (default: 60 smollm2, 500 tiny)")
     p.add_argument("--kl-windows", type=int, default=2, help="smollm2: 512-token windows for perplexity / KL")
-    p.add_argument("--qat-steps", type=int, default=2, help="smollm2: steps of each QAT fine-tune")
+    p.add_argument("--qat-steps", type=int, default=8, help="smollm2: steps of each QAT fine-tune")
     p.add_argument("--steps", type=int, help="tiny: pretraining steps (default: the tiny_pretrain config's)")
     p.add_argument("--arm-steps", type=int, default=120, help="tiny: training steps of each arm's runs")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),

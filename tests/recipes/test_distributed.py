@@ -160,8 +160,9 @@ def test_resume_with_another_optimizer_or_model_says_which(runs, tmp_path):
     ("qat_recipe", "tiny_qat", ["qat.scheme=8da4w", "qat.group_size=32"]),
     ("qat_recipe", "tiny_qat", ["qat.scheme=8da4w", "qat.group_size=32", "qat.distill={ce_weight: 0.5}",
                                 "qat.learn_ranges=true", "qat.ranges_lr=1e-3"]),  # teacher sharded too
-    ("qat_recipe", "tiny_qat", ["qat.scheme=8da4w", "qat.group_size=32", "qat.distill={}",
-                                "qat.lora={rank: 4, alpha: 8}"]),  # LoRA adapters sharded with their layers
+    pytest.param("qat_recipe", "tiny_qat", ["qat.scheme=8da4w", "qat.group_size=32", "qat.distill={}",
+                                            "qat.lora={rank: 4, alpha: 8}"],  # adapters sharded too
+                 marks=pytest.mark.slow),  # make test-slow: keeps make test under 10 minutes
     ("finetune_recipe", "tiny_pretrain", ["float8.recipe=tensorwise", "float8.emulate=false"]),
 ])
 def test_qat_and_float8_recipes_on_two_ranks(recipe, config, extra, tmp_path, one_thread):
