@@ -194,6 +194,7 @@ def test_global_batch_not_divisible_by_ranks_says_so(tmp_path):
                         r"divisible by the number of processes \(2\) \(rank [01]\)", last), last
 
 
+@pytest.mark.slow  # make test-slow (CI runs it): keeps make test under 10 minutes
 def test_float8_all_gather_and_scale_precompute_from_the_recipe(tmp_path, one_thread):
     """``float8.enable_fsdp_float8_all_gather`` and ``float8.precompute_float8_scales_for_fsdp`` on 2 ranks
     (emulated float8 on CPU): the hook runs after every optimizer step on every rank, each all-gather
