@@ -9,7 +9,7 @@ away from their min / max values, some driven to zero or below.
 import copy
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -115,11 +115,15 @@ def test_8da8w_bit_exact_large_k_uses_exact_integer_product():
 
 @settings(max_examples=20, deadline=None)
 @given(g=st.sampled_from([32, 64, 128]), kg=st.integers(1, 3), n16=st.integers(1, 3), **shapes)
+@example(g=128, kg=3, n16=1, dtype=torch.bfloat16, batch=(2, 3), m=4, bias=False, small=False, seed=1439)
 def test_4w_within_one_bf16_ulp(g, kg, n16, **kw):
     x, mod, y_fq, y_q = _run("4w", g, k=g * kg, n=16 * n16, **kw)
     if kw["dtype"] == torch.bfloat16 and y_q.numel() <= 64 * 16:
-        # same fp32 dequant + fp32 accumulation, rounded once to bf16: identical on small shapes
-        assert torch.equal(y_fq, y_q)
+        # same fp32 dequant + fp32 accumulation (in another order), rounded once to bf16: equal or adjacent
+        # bf16 values (the summation order can move an fp32 sum across a rounding boundary, rarely:
+        # g=128, k=384, n=16, x (2, 3, 4, 384), seed 1439 differs in 1 of 384 outputs)
+        steps = (y_fq.view(torch.int16).int() - y_q.view(torch.int16).int()).abs()
+        assert steps.max() <= 1 and (steps > 0).sum() <= max(1, steps.numel() // 100)
     # 1 bf16 ulp of the dot product's magnitude sum_k |x_k w_k| (the scale accumulation errors live on)
     mag = x.float().abs() @ mod.weight.detach().float().abs().t()
     assert ((y_fq.float() - y_q.float()).abs() <= bf16_ulp(mag)).all()
