@@ -48,11 +48,11 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 
 
 def save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path,
-         float_weights=None) -> None:
+         float_weights) -> None:
     """Write checkpoint ``final`` atomically; a collective: every rank calls it. ``float_weights`` maps the
-    full model state dict to what ``model.safetensors`` holds (default: itself)."""
+    full model state dict to what ``model.safetensors`` holds (``TrainingRecipe.float_weights``)."""
     with _interrupt_after_write():
-        _save(final, rt, model, optimizer, meta, state, tokenizer_dir, float_weights or (lambda sd: sd))
+        _save(final, rt, model, optimizer, meta, state, tokenizer_dir, float_weights)
 
 
 def _save(final: Path, rt: Runtime, model, optimizer, meta: dict, state: dict, tokenizer_dir: Path,

@@ -25,6 +25,7 @@ from lowbit.float8.config import FLOAT8_DTYPES
 from lowbit.float8.config import RECIPES as FLOAT8_RECIPES
 from lowbit.models.checkpoint import MODEL_NAMES
 from lowbit.models.presets import PRESETS
+from lowbit.qat.lora import LORA_TARGETS
 from lowbit.recipes.config import HIDDEN_KEYS, ConfigError, origin
 
 
@@ -113,7 +114,7 @@ class LoRASection:
 
     rank: int = _f(8, min=1)
     alpha: float = _f(16.0, min=0.0)
-    targets: list[str] = _f(factory=lambda: ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"])
+    targets: list[str] = _f(factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
