@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from lowbit.eval.divergence import compare_to_reference, token_windows
-from lowbit.eval.evaluate import acc_norm, evaluate, prepare_for_inference
+from lowbit.eval.evaluate import prepare_for_inference, score_against_float
 from lowbit.eval.tasks import cloze_file, documents
 from lowbit.models.checkpoint import list_checkpoints, load_checkpoint
 from lowbit.recipes.config import load_config
@@ -65,18 +65,7 @@ class TorchaoQATRecipe(TrainingRecipe):
 
 def measure(name: str, model, tokenizer, reference, windows, task_file, **extra) -> dict:
     t = time.perf_counter()
-    with torch.no_grad():
-        kl = compare_to_reference(model, reference, windows)
-    row = {
-        "arm": name,
-        **{k: kl[k] for k in ("ppl", "kl_mean", "kl_stderr", "top1_agreement", "top1_stderr")},
-        **extra,
-    }
-    if task_file is not None:
-        res = evaluate(model=model, tokenizer=tokenizer, task_file=task_file, scheme="none")
-        n = int(res.get("n-samples", {}).get("hellaswag_local", {}).get("effective", 0))
-        acc = acc_norm(res)
-        row.update(acc_norm=acc, acc_norm_stderr=math.sqrt(acc * (1 - acc) / n) if n else None, items=n)
+    row = {"arm": name, **score_against_float(model, tokenizer, reference, windows, task_file), **extra}
     row["eval_seconds"] = time.perf_counter() - t
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return row

@@ -23,8 +23,8 @@ import torch
 from torchtune.modules.common_utils import delete_kv_caches
 
 from lowbit.eval.bench import bench_model
-from lowbit.eval.divergence import compare_to_reference, token_windows
-from lowbit.eval.evaluate import acc_norm, evaluate, prepare_for_inference
+from lowbit.eval.divergence import token_windows
+from lowbit.eval.evaluate import prepare_for_inference, score_against_float
 from lowbit.eval.tasks import cloze_file, documents
 from lowbit.models.checkpoint import load_checkpoint
 
@@ -37,17 +37,11 @@ SCHEMES = (("8da4w", 32), ("4w", 64))
 def _measure(name: str, model, tokenizer, reference_logits: torch.Tensor, windows: torch.Tensor,
              task_file: Path, **extra) -> dict:
     t = time.perf_counter()
-    with torch.no_grad():
-        kl = compare_to_reference(model, reference_logits, windows)
-    res = evaluate(model=model, tokenizer=tokenizer, task_file=task_file, scheme="none")
-    n = int(res.get("n-samples", {}).get("hellaswag_local", {}).get("effective", 0)) or None
+    scores = score_against_float(model, tokenizer, reference_logits, windows, task_file)
     speed = bench_model(model, prompt_len=32, decode_tokens=16, repeats=1, profile=False)
     delete_kv_caches(model)  # the static KV cache the decode benchmark set up
-    acc = acc_norm(res)
-    row = {"arm": name,
-           **{k: kl[k] for k in ("ppl", "kl_mean", "kl_stderr", "top1_agreement", "top1_stderr")},
-           "acc_norm": acc, "acc_norm_stderr": math.sqrt(acc * (1 - acc) / n) if n else None, "items": n,
-           "decode_tok_s": speed["decode_tok_s"], "seconds": time.perf_counter() - t, **extra}
+    row = {"arm": name, **scores, "items": scores["items"] or None, "decode_tok_s": speed["decode_tok_s"],
+           "seconds": time.perf_counter() - t, **extra}
     log.info("demo %s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return row
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -179,6 +180,25 @@ def divergence_from(model, tokenizer, reference, text, windows: int, window: int
     x = token_windows(tokenizer, docs, window, windows)
     stats = compare_to_reference(model, ref_model.eval(), x)
     return {**stats, "reference": str(reference), "text": str(source), "window": window}
+
+
+def score_against_float(model, tokenizer, reference_logits: torch.Tensor, windows: torch.Tensor,
+                        task_file: Path | None) -> dict:
+    """One arm's quality: perplexity, KL divergence from the float model and top-1 agreement (with standard
+    errors) on ``windows`` ``(N, L)`` int64 whose float logits are ``reference_logits`` ``(N, L, V)``; with
+    ``task_file``, cloze ``acc_norm`` (its binomial standard error and the item count) through lm-eval."""
+
+    from lowbit.eval.divergence import compare_to_reference
+
+    with torch.no_grad():
+        kl = compare_to_reference(model, reference_logits, windows)
+    row = {k: kl[k] for k in ("ppl", "kl_mean", "kl_stderr", "top1_agreement", "top1_stderr")}
+    if task_file is not None:
+        res = evaluate(model=model, tokenizer=tokenizer, task_file=task_file, scheme="none")
+        n = int(res.get("n-samples", {}).get("hellaswag_local", {}).get("effective", 0))
+        acc = acc_norm(res)
+        row.update(acc_norm=acc, acc_norm_stderr=math.sqrt(acc * (1 - acc) / n) if n else None, items=n)
+    return row
 
 
 def run_lm_eval(model, tokenizer, tasks, task_file, text, meta, limit, log_samples, batch_size) -> dict:
