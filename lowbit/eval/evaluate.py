@@ -187,7 +187,6 @@ def score_against_float(model, tokenizer, reference_logits: torch.Tensor, window
     """One arm's quality: perplexity, KL divergence from the float model and top-1 agreement (with standard
     errors) on ``windows`` ``(N, L)`` int64 whose float logits are ``reference_logits`` ``(N, L, V)``; with
     ``task_file``, cloze ``acc_norm`` (its binomial standard error and the item count) through lm-eval."""
-
     from lowbit.eval.divergence import compare_to_reference
 
     with torch.no_grad():
