@@ -1,4 +1,5 @@
-"""compile_for_cpu: the Xeon flags apply to this model only, subclasses unwrapped, compiler errors."""
+"""compile_for_cpu: regional compilation of decoder layers, the Xeon flags apply to this model only,
+compiler errors."""
 
 import copy
 
@@ -22,11 +23,12 @@ def _flag_values():
 
 
 def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkeypatch):
-    """One (slow) compile: 4w tiny model, prefill + decode graphs, flags seen by Inductor, then restored."""
+    """4w tiny model: one graph per shape (prefill, decode) shared by both decoder layers (regional
+    compilation), generation equal to eager, the flags seen by Inductor and then restored."""
     from torch._inductor import compile_fx
 
     torch.manual_seed(0)
-    model = quantize_for_inference(build_model("tiny", num_layers=1).eval(), "4w")
+    model = quantize_for_inference(build_model("tiny", num_layers=2).eval(), "4w")
     eager = copy.deepcopy(model)
     before = _flag_values()
     seen = []
@@ -38,12 +40,14 @@ def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkey
 
     monkeypatch.setattr(compile_fx, "_compile_fx_inner", spy)
     compiled = compile_for_cpu(model)
-    assert parametrize.is_parametrized(model.layers[0].attn.q_proj, "weight")  # subclass unwrapped
+    assert compiled is model  # the decoder layers are compiled in place
+    # torchao subclasses kept (parametrizations would give each layer its own class, and its own compile)
+    assert not parametrize.is_parametrized(model.layers[0].attn.q_proj, "weight")
     prompt = torch.randint(0, 1024, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = generate(compiled, prompt, 5)
         assert torch.equal(out, generate(eager, prompt, 5))
-    assert seen and all(v == CPU_INDUCTOR_FLAGS for v in seen), seen
+    assert len(seen) == 2 and all(v == CPU_INDUCTOR_FLAGS for v in seen), seen
     assert _flag_values() == before  # nothing left set globally
     assert not any(before.values())
 
@@ -81,8 +85,22 @@ def test_compile_raises_dynamo_recompile_limit_for_many_models():
 
     # torch's own config.patch restores the setting afterwards (pytest's monkeypatch deletes it).
     with torch._dynamo.config.patch(recompile_limit=8):
-        compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+        compile_for_cpu(torch.nn.Linear(4, 4))
         assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     with torch._dynamo.config.patch(recompile_limit=1000):
-        compile_for_cpu(torch.nn.Linear(4, 4), unwrap=False)
+        compile_for_cpu(torch.nn.Linear(4, 4))
         assert torch._dynamo.config.recompile_limit == 1000
+
+
+def test_two_compiled_schemes_in_one_process_each_match_eager():
+    """The decoder layers of every compiled model share one code object; the guards must keep a 4w
+    layer's graph from running an 8w layer (a guard filter that skipped them did exactly that)."""
+    torch.manual_seed(0)
+    base = build_model("tiny", num_layers=2).eval()
+    prompt = torch.randint(0, 1024, (1, 5), generator=torch.Generator().manual_seed(1))
+    models = {s: quantize_for_inference(copy.deepcopy(base), s) for s in ("4w", "8w")}
+    eager = {s: copy.deepcopy(m) for s, m in models.items()}
+    compiled = {s: compile_for_cpu(m, flags={"max_autotune": False}) for s, m in models.items()}
+    with torch.no_grad():
+        for s in ("4w", "8w", "4w"):
+            assert torch.equal(generate(compiled[s], prompt, 4), generate(eager[s], prompt, 4)), s
