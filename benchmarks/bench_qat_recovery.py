@@ -98,6 +98,7 @@ def train(kind: str, out: Path, scheme: str, g: int, a) -> tuple[Path, float, in
             extra.append(f"qat.ranges_lr={a.ranges_lr}")
         if a.ce_weight:
             extra.append(f"qat.distill.ce_weight={a.ce_weight}")
+        extra += a.qat_set
         recipe = run_recipe("qat_recipe", "smollm2_135m_qat", common + extra)
     elif kind == "control":
         recipe = run_recipe("finetune_recipe", "smollm2_135m_finetune", common)
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
                     help="every training arm's matmuls in bf16 on fp32 weights (none: fp32)")
     ap.add_argument("--ce-weight", type=float, default=0.0, help="QAT arm: qat.distill.ce_weight")
+    ap.add_argument("--qat-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="QAT arm: one more config override (repeatable), e.g. qat.freeze_embeddings=false")
     ap.add_argument(
         "--curve-every", type=int, default=32, help="QAT arm: a checkpoint (and KL) every N steps"
     )

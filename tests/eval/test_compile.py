@@ -23,8 +23,8 @@ def _flag_values():
 
 
 def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkeypatch):
-    """4w tiny model: one graph per shape (prefill, decode) shared by both decoder layers (regional
-    compilation), generation equal to eager, the flags seen by Inductor and then restored."""
+    """4w tiny model: per shape (prefill, decode) one layer graph shared by both decoder layers (regional
+    compilation) and one head graph; generation equal to eager; the flags seen by Inductor, then restored."""
     from torch._inductor import compile_fx
 
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_compiled_quantized_generation_matches_eager_and_flags_are_scoped(monkey
     with torch.no_grad():
         out = generate(compiled, prompt, 5)
         assert torch.equal(out, generate(eager, prompt, 5))
-    assert len(seen) == 2 and all(v == CPU_INDUCTOR_FLAGS for v in seen), seen
+    assert len(seen) == 4 and all(v == CPU_INDUCTOR_FLAGS for v in seen), seen
     assert _flag_values() == before  # nothing left set globally
     assert not any(before.values())
 
@@ -104,3 +104,31 @@ def test_two_compiled_schemes_in_one_process_each_match_eager():
     with torch.no_grad():
         for s in ("4w", "8w", "4w"):
             assert torch.equal(generate(compiled[s], prompt, 4), generate(eager[s], prompt, 4)), s
+
+
+def test_fused_decode_attention_and_head_equal_the_matmul_forms():
+    """The one-query attention and the one-row head that compile_for_cpu writes as reductions compute
+    what SDPA (masked, GQA-expanded keys) and the matmul compute, in float64 here."""
+    from torchtune.modules.attention_utils import _sdpa_or_flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, n, 16, generator=g, dtype=torch.float64) for n in (1, 9, 9))
+    mask = torch.rand(2, 1, 9, generator=g) < 0.7
+    mask[:, :, 0] = True  # every row attends somewhere
+    sdpa = _sdpa_or_flex_attention()
+    fused = lc._fused_decode_attention(sdpa)
+    got = fused(q, k, v, mask=mask, dropout_p=0.0, is_causal=False)
+    want = sdpa(q, k, v, mask=mask, dropout_p=0.0, is_causal=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # the reduction runs in fp32
+    q2 = torch.randn(2, 6, 3, 16, dtype=torch.float64, generator=g)  # longer queries go to SDPA itself
+    m2 = torch.ones(2, 3, 9, dtype=torch.bool)
+    assert torch.equal(fused(q2, k, v, mask=m2, dropout_p=0.0, is_causal=False),
+                       sdpa(q2, k, v, mask=m2, dropout_p=0.0, is_causal=False))
+
+    model = build_model("tiny", num_layers=1).eval()
+    owner = lc._head_weight_owner(model)
+    assert owner is model.tok_embeddings  # tiny ties its head to the embedding
+    h = torch.randn(2, 1, model.norm.scale.numel(), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(lc._fused_decode_unembed(model.norm, owner)(h), model.unembed(h),
+                                   rtol=1e-5, atol=1e-5)
