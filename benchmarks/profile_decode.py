@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_decode.py [--schemes 8da4w] [--modes eager]
 
-For each scheme and mode (``eager`` / ``compiled``; compiling SmolLM2 with the Xeon flags takes many
-minutes on 2 cores), the deployed model (``lowbit.eval.deploy``) decodes greedily after a 64-token prompt:
+For each scheme and mode (``eager`` / ``compiled``: ``compile_for_cpu``, regional, with Inductor's
+per-kernel profiling on so that its generated kernels show up as rows), the deployed model (``lowbit.eval.deploy``) decodes greedily after a 64-token prompt:
 the median of 16 decode steps, then 8 steps under ``torch.profiler`` with the ops' self time. The step
 time minus the ops' self time per step is host time spent outside ATen (Python, module calls).
 """
@@ -38,7 +38,7 @@ def main() -> None:
         for mode in a.modes.split(","):
             model = deploy(copy.deepcopy(base), scheme)
             if mode == "compiled":
-                model = compile_for_cpu(model)
+                model = compile_for_cpu(model, flags={"cpp.enable_kernel_profile": True})
             gen = Generator(model, 1, 64 + 40)
             with torch.no_grad():
                 t = time.perf_counter()
