@@ -92,7 +92,8 @@ def compile_for_cpu(
 
     Compilation is lazy (first call) and needs ``torch.no_grad()`` / ``torch.inference_mode()`` for
     ``freezing`` to apply. With freezing, later in-place changes to the weights are NOT seen by the
-    compiled model: quantize and load weights first.
+    compiled model: quantize and load weights first. The compiled layers and head are bound to this
+    model's modules: deep-copy (or deploy) a model before compiling it, not after.
 
     Args:
         model: an eager model on CPU, possibly deployed by :func:`lowbit.eval.deploy`.
