@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_decode.py [--schemes 8da4w] [--modes eager]
 
 For each scheme and mode (``eager`` / ``compiled``: ``compile_for_cpu``, regional, with Inductor's
-per-kernel profiling on so that its generated kernels show up as rows), the deployed model (``lowbit.eval.deploy``) decodes greedily after a 64-token prompt:
-the median of 16 decode steps, then 8 steps under ``torch.profiler`` with the ops' self time. The step
-time minus the ops' self time per step is host time spent outside ATen (Python, module calls).
+per-kernel profiling on so that its generated kernels show up as rows), the deployed model
+(``lowbit.eval.deploy``) decodes greedily after a 64-token prompt: the median of 16 decode steps, then 8
+steps under ``torch.profiler`` with the ops' self time. The step time minus the ops' self time per step is
+host time spent outside ATen (Python, module calls).
 """
 
 from __future__ import annotations

@@ -132,3 +132,27 @@ def test_fused_decode_attention_and_head_equal_the_matmul_forms():
     with torch.no_grad():
         torch.testing.assert_close(lc._fused_decode_unembed(model.norm, owner)(h), model.unembed(h),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~30 s of dynamic-shape compiles
+def test_evaluate_compiled_scores_like_eager(tmp_path):
+    """lm-eval through ``evaluate(compile=True)``: regional compilation with dynamic shapes over the
+    scorer's packed rows chooses what the eager model chooses, item by item."""
+    from lowbit.data import generate_corpus, generate_hellaswag, write_jsonl
+    from lowbit.eval import evaluate
+    from lowbit.models import init_weights
+    from lowbit.models.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    model = init_weights(build_model("tiny", num_layers=2), std=0.2).eval()
+    tok = load_tokenizer(train_bpe_tokenizer(generate_corpus(256), 1024, tmp_path / "tok"))
+    task = write_jsonl(generate_hellaswag(8, seed=3), tmp_path / "t.jsonl")
+    runs = {c: evaluate(model=copy.deepcopy(model), tokenizer=tok, task_file=task, scheme="none", compile=c,
+                        log_samples=True) for c in (False, True)}
+    assert runs[True]["lowbit"]["compiled"]
+    for eager, compiled in zip(runs[False]["samples"]["hellaswag_local"],
+                               runs[True]["samples"]["hellaswag_local"], strict=True):
+        assert eager["acc_norm"] == compiled["acc_norm"]
+        got = [r[0] for r in compiled["filtered_resps"]]
+        want = [r[0] for r in eager["filtered_resps"]]
+        assert got == pytest.approx(want, abs=1e-4)
