@@ -28,7 +28,7 @@ from lowbit.recipes.runner import run_recipe
 log = logging.getLogger("lowbit.demo")
 
 ARMS = ("optim", "qat", "float8", "speed")
-# `speed` compiles a 168M-parameter model once per scheme (minutes each on 2 cores): opt-in, so that
+# `speed` compiles and times a 168M-parameter model once per scheme: opt-in, so that
 # `make demo` stays within 10 minutes. `lowbit bench` measures the same on its own.
 DEFAULT_ARMS = ("optim", "qat", "float8")
 

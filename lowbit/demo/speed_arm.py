@@ -1,7 +1,7 @@
 """The speed arm of ``lowbit demo``: CPU decode / prefill throughput per inference scheme.
 
-Opt-in (``lowbit demo --arms ...,speed``): it compiles a 168M-parameter preset once per scheme, minutes
-each on 2 cores. ``lowbit bench`` measures the same rows on its own.
+Opt-in (``lowbit demo --arms ...,speed``): it compiles a 168M-parameter preset once per scheme and times
+it. ``lowbit bench`` measures the same rows on its own.
 """
 
 from __future__ import annotations
