@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lowbit.eval.bench import cpu_description
 from lowbit.eval.evaluate import evaluate
 from lowbit.eval.lm_eval_adapter import LowbitLM
 from lowbit.eval.tasks import cloze_file
@@ -98,9 +98,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    isa = subprocess.run("lscpu | grep -o -E 'avx512[a-z_0-9]*|avx2' | sort -u | tr '\\n' ' '", shell=True,
-                         capture_output=True, text=True).stdout.strip()
-    print(f"ISA: {isa}; threads {a.threads}; checkpoint {a.checkpoint}; {a.items} cloze items (python-docs)")
+    print(f"{cpu_description()}; threads {a.threads}; checkpoint {a.checkpoint}; {a.items} cloze items "
+          "(python-docs)")
     model, tok, _ = load_checkpoint(a.checkpoint)
     task_file = cloze_file("python-docs", num_items=a.items)
     speeds = {"previous": [], "packed": []}

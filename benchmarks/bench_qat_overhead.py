@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import qat
+from lowbit.eval.bench import cpu_description
 from lowbit.models import build_model
 from lowbit.recipes.qat_recipe import distillation_loss
 
@@ -88,11 +88,9 @@ def main() -> None:
         base.layers = base.layers[: a.layers]
     vocab = base.tok_embeddings.num_embeddings
     nparams = sum(p.numel() for p in base.parameters())
-    isa = subprocess.run("lscpu | grep -o -E 'avx512[a-z_0-9]*|avx2' | sort -u | tr '\\n' ' '", shell=True,
-                         capture_output=True, text=True).stdout.strip()
     print(f"{a.model} ({len(base.layers)} layers): {nparams / 1e6:.2f}M params, batch {a.batch} x seq "
           f"{a.seq}, threads {torch.get_num_threads()}, {a.steps} timed steps after {a.warmup} warmup, "
-          f"median; ISA {isa}")
+          f"median; {cpu_description()}")
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
     for mode in a.modes.split(","):

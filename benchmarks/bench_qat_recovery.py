@@ -28,12 +28,12 @@ import argparse
 import copy
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from lowbit.eval.bench import cpu_description
 from lowbit.eval.divergence import compare_to_reference, token_windows
 from lowbit.eval.evaluate import prepare_for_inference, score_against_float
 from lowbit.eval.tasks import cloze_file, documents
@@ -147,15 +147,10 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    isa = subprocess.run(
-        "lscpu | grep -o -E 'avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*' | sort -u | tr '\\n' ' '",
-        shell=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    isa = cpu_description()
     arms = a.arms.split(",")
     print(
-        f"ISA: {isa}; threads {torch.get_num_threads()}; torch {torch.__version__}; args {vars(a)}",
+        f"{isa}; threads {torch.get_num_threads()}; torch {torch.__version__}; args {vars(a)}",
         flush=True,
     )
 

@@ -29,7 +29,6 @@ import importlib.util
 import math
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,21 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.eval.bench import cpu_description
+
 MODEL = "smollm2-135m"
 
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def isa() -> str:
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    lines = flags.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "?")
-    line = next((ln for ln in flags.splitlines() if ln.startswith("Flags")), "")
-    keep = [f for f in line.split() if f.startswith(("avx", "fma", "f16c", "amx"))]
-    return f"{model}; ISA: {' '.join(keep)}"
 
 
 def read_bandwidth_gbs(threads: int, mib: int = 1024) -> float:
@@ -189,7 +181,7 @@ def main() -> None:
     from lowbit.eval.tasks import documents
     from lowbit.models.checkpoint import load_checkpoint, model_file
 
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {isa()}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {cpu_description()}")
     print(f"torch {torch.__version__}, {a.threads} threads; prompt {a.prompt_len} tokens, {a.decode} greedy "
           f"decode steps, {a.rounds} interleaved rounds")
     base, tok, _ = load_checkpoint(MODEL)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import time
 
 import torch
 
 from lowbit.eval import compile_for_cpu, deploy
+from lowbit.eval.bench import cpu_description
 from lowbit.eval.generate import Generator
 from lowbit.models.checkpoint import load_checkpoint
 
@@ -29,9 +29,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager")
     ap.add_argument("--rows", type=int, default=18)
     a = ap.parse_args()
-    isa = subprocess.run("lscpu | grep -o -E 'avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*' | sort -u | tr '\\n' ' '",
-                         shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"threads {torch.get_num_threads()}; ISA {isa}")
+    print(f"threads {torch.get_num_threads()}; {cpu_description()}")
     base, _, _ = load_checkpoint("smollm2-135m")
     prompt = torch.randint(0, base.tok_embeddings.num_embeddings, (1, 64),
                            generator=torch.Generator().manual_seed(0))

@@ -65,6 +65,22 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
+def cpu_description() -> str:
+    """``"<CPU model>; ISA: <flags>"``: the CPU's name and its vector / matrix extensions (the ``avx*``,
+    ``amx*``, ``fma`` and ``f16c`` flags of ``/proc/cpuinfo``, as ``lscpu`` lists them), printed next to
+    every benchmark figure. ``"unknown CPU; ISA: unknown"`` where ``/proc/cpuinfo`` cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU; ISA: unknown"
+
+    def field(key: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+
+    flags = sorted(f for f in field("flags").split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return f"{field('model name') or 'unknown CPU'}; ISA: {' '.join(flags) or 'unknown'}"
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:

@@ -123,3 +123,16 @@ def test_markdown_table_columns():
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
     assert lines[2] == ("| 4w | compiled | bfloat16 | 10.00 | 2.00x | 100.0 | 5.0 | - | 1.50 | 3.0 | 400 | "
                         "61.2 |")
+
+
+def test_cpu_description_lists_the_cpus_vector_flags(monkeypatch, tmp_path):
+    import lowbit.eval.bench as lb
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n"
+                       "flags\t\t: fpu sse2 avx2 fma f16c avx512f avx512_bf16 amx_tile bmi2\n")
+    real_path = lb.Path
+    monkeypatch.setattr(lb, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert lb.cpu_description() == "Test CPU 9000; ISA: amx_tile avx2 avx512_bf16 avx512f f16c fma"
+    monkeypatch.setattr(lb, "Path", lambda p: real_path(tmp_path / "missing"))
+    assert lb.cpu_description() == "unknown CPU; ISA: unknown"
