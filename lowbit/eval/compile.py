@@ -10,7 +10,8 @@ layers are compiled in place (``layer.compile``); they share one code object and
 inputs, so Inductor compiles one graph per input shape and all 30 layers of SmolLM2 reuse it. Measured on
 SmolLM2-135M 8da4w, 2 cores (EPYC Zen 4): the whole-model graph took 5.4 min to compile per shape (most of
 it g++ on one generated file) and decoded at 24 ms/token; the regional one compiles in ~25 s and decodes at
-~15-20 ms/token. The embedding lookup, final norm and the output head run eagerly (three ops per token).
+~15-20 ms/token. The final norm and output head are a second small compiled region; the embedding
+lookup runs eagerly.
 Weights are inputs of the layer graph, so ``freezing`` folds nothing there. torchao's quantized weights
 stay tensor subclasses, which dynamo traces into their dequant / kernel calls (their Python dispatch
 runs at trace time only). Unwrapping them into parametrizations instead would give every layer its own
