@@ -36,6 +36,8 @@ import subprocess
 import torch
 from torch import nn
 
+from lowbit.eval import decode_step
+
 CPU_INDUCTOR_FLAGS: dict[str, object] = {
     "cpp_wrapper": True,
     "max_autotune": True,
@@ -120,11 +122,14 @@ def compile_for_cpu(
     # the forward eagerly (seen comparing 8w / 4w / 8da4w in one benchmark). Raise it, never lower it.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if _is_decoder(model):
+        libraries: dict = {}  # the decode-step libraries, shared by this model's layers
         for layer in model.layers:
             attn = getattr(layer, "attn", None)
             if attn is not None and hasattr(attn, "_attention_call"):
                 attn._attention_call = _fused_decode_attention(attn._attention_call)
             layer.compile(dynamic=dynamic, options=options)
+            if hasattr(layer, "caches_are_enabled"):
+                decode_step.install(layer, layer._compiled_call_impl, libraries, options)
         head = _head_weight_owner(model)
         if head is not None:  # an instance attribute shadows TransformerDecoder.unembed
             object.__setattr__(model, "unembed", torch.compile(
