@@ -11,7 +11,10 @@ inputs, so Inductor compiles one graph per input shape and all 30 layers of Smol
 SmolLM2-135M 8da4w, 2 cores (EPYC Zen 4): the whole-model graph took 5.4 min to compile per shape (most of
 it g++ on one generated file) and decoded at 24 ms/token; the regional one compiles in ~25 s and decodes at
 ~15-20 ms/token. The final norm and output head are a second small compiled region; the embedding
-lookup runs eagerly.
+lookup runs eagerly. Decode steps of the layers do not go through the region: each layer's call is
+replaced by :class:`lowbit.eval.decode_step.AotDecodeLayer`, which exports the decode step once and
+runs it as an AOTInductor library shared by the layers (no per-call guards or wrappers); prefill,
+scoring and anything with autograd stay on the region.
 Weights are inputs of the layer graph, so ``freezing`` folds nothing there. torchao's quantized weights
 stay tensor subclasses, which dynamo traces into their dequant / kernel calls (their Python dispatch
 runs at trace time only). Unwrapping them into parametrizations instead would give every layer its own
@@ -24,7 +27,9 @@ Guards: dynamo re-checks a compiled layer's guards on every call (~60 us per lay
 ~1.9 ms of a 20 ms SmolLM2 decode step). Skipping the guards on torch's built-in modules
 (``skip_guard_on_inbuilt_nn_modules_unsafe``) saved a third of that but is wrong as soon as two deployed
 models share the process: the layers share one code object, and the guards it drops (on ``nn.Linear``
-weights' tensor-subclass types) are what tells a 4w layer from an 8w one. They are kept.
+weights' tensor-subclass types) are what tells a 4w layer from an 8w one. They are kept; decode steps
+skip them by running the ahead-of-time library instead, whose libraries are per model and keyed by the
+layer's module structure, subclass types and tensor metadata.
 """
 
 from __future__ import annotations
