@@ -10,6 +10,7 @@ from torch import nn
 
 from lowbit.qat.modules import (
     QPARAM_NAMES,
+    RANGE_INITS,
     FakeQuantEmbedding,
     FakeQuantLinear,
     FakeQuantLoRALinear,
@@ -65,6 +66,7 @@ def prepare(
     filter_fn: FilterFn | None = None,
     embeddings: bool = False,
     learn_ranges: bool = False,
+    ranges_init: str = "minmax",
 ) -> nn.Module:
     """Swap ``nn.Linear`` (and torchtune ``LoRALinear``) for fake-quant modules, in place.
 
@@ -78,6 +80,9 @@ def prepare(
             and ``weight_zero`` for ``4w``), initialised from the weight's min / max, trained with LSQ
             gradients; ``convert`` writes them into the inference weights. Embeddings keep min / max
             qparams.
+        ranges_init: where learned ranges start: ``"minmax"`` (the PTQ qparams) or ``"mse"`` (per group,
+            the shrunk range with the least weight quantization error); see
+            :meth:`FakeQuantLinear.learn_ranges`.
 
     Layers whose shape the scheme's kernel cannot take (``scheme.fits`` is False, e.g. ``in_features``
     not divisible by ``group_size``) stay float; they are listed in one log line, and ``convert`` leaves
@@ -97,6 +102,9 @@ def prepare(
     if learn_ranges and scheme.name in GGML_SCHEMES:
         raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} is llama.cpp's format, whose "
                          "scale rule is fixed (llama.cpp recomputes nothing from a learned scale)")
+    if ranges_init not in RANGE_INITS:
+        raise ValueError(f"prepare: unknown ranges_init {ranges_init!r}; choose one of "
+                         f"{', '.join(RANGE_INITS)}")
     if learn_ranges and scheme.group_size is None:
         raise ValueError(f"prepare(learn_ranges=True): scheme {scheme.name!r} has no weight groups (one "
                          "scale per output channel); learned ranges are for the per-group schemes "
@@ -159,7 +167,7 @@ def prepare(
             mod, scheme
         )
         if learn_ranges and not new.weight.is_meta:
-            new.learn_ranges()
+            new.learn_ranges(ranges_init)
         _set_child(model, fqn, new)
     for fqn in emb_fqns:
         _set_child(model, fqn, FakeQuantEmbedding.from_embedding(model.get_submodule(fqn), scheme))

@@ -13,9 +13,15 @@ from torch import nn
 
 from lowbit.qat.linear import fake_quant_linear, fake_quant_weight_ggml, fake_quant_weight_int_sym
 from lowbit.qat.schemes import Scheme
-from lowbit.quant.affine import symmetric_scale, tinygemm_qparams
+from lowbit.quant.affine import (
+    mse_symmetric_scale,
+    mse_tinygemm_qparams,
+    symmetric_scale,
+    tinygemm_qparams,
+)
 
 QPARAM_NAMES = ("weight_scale", "weight_zero")
+RANGE_INITS = ("minmax", "mse")  # how learned ranges start (FakeQuantLinear.learn_ranges)
 
 
 class LearnedRanges:
@@ -27,19 +33,30 @@ class LearnedRanges:
     into the torchao tensors).
     """
 
-    def learn_ranges(self) -> None:
-        """Register ``weight_scale`` (and ``weight_zero`` for ``4w``) from the current weight's min / max."""
+    def learn_ranges(self, init: str = "minmax") -> None:
+        """Register ``weight_scale`` (and ``weight_zero`` for ``4w``) from the current weight.
+
+        Args:
+            init: ``"minmax"``: the min / max qparams of the weight (what PTQ uses); ``"mse"``: per
+                group, min / max shrunk to the range whose fake quant of the weight has the least
+                squared error (:func:`lowbit.quant.affine.mse_symmetric_scale`).
+        """
         s = self.scheme
         if s.group_size is None:
             raise ValueError(f"learned ranges need a per-group scheme; {s.name!r} has one scale per output "
                              "channel (use 8da4w, 4w or a sub-4-bit scheme)")
+        if init not in RANGE_INITS:
+            raise ValueError(f"learned ranges: unknown init {init!r}; choose one of {', '.join(RANGE_INITS)}")
+        mse = init == "mse"
         with torch.no_grad():
             w = self.effective_weight().detach()
             if s.name == "4w":
-                scale, zero = tinygemm_qparams(w, s.group_size)
+                qparams = mse_tinygemm_qparams if mse else tinygemm_qparams
+                scale, zero = qparams(w, s.group_size)
                 self.weight_zero = nn.Parameter(zero.clone())
             else:
-                scale = symmetric_scale(w, *s.weight_range, group_size=s.group_size)
+                qparams = mse_symmetric_scale if mse else symmetric_scale
+                scale = qparams(w, *s.weight_range, group_size=s.group_size)
         self.weight_scale = nn.Parameter(scale.clone())
 
     def learned_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:

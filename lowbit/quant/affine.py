@@ -132,6 +132,75 @@ def tinygemm_qparams(
     return scale, zero.to(w.dtype)
 
 
+# Candidate shrink factors of the min / max range for the MSE range search (1.0 = min / max itself).
+MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
+
+
+@torch.no_grad()
+def mse_symmetric_scale(
+    x: torch.Tensor, qmin: int, qmax: int, *, group_size: int | None, ratios=MSE_RATIOS
+) -> torch.Tensor:
+    """Per group, the scale ``r * symmetric_scale(x)`` (``r`` in ``ratios``) whose fake quant of ``x``
+    has the least squared error: min / max clipped to where rounding error and clipping error balance.
+
+    Args:
+        x: float weight ``[..., K]``; the error is measured in fp32.
+        qmin, qmax, group_size: as :func:`symmetric_scale`.
+        ratios: candidate shrink factors; the first one wins ties, so keep ``1.0`` first to prefer
+            the min / max scale.
+
+    Returns:
+        scale ``[..., K // g]`` in ``x.dtype``, never smaller than ``torch.finfo(x.dtype).eps``.
+    """
+    base = symmetric_scale(x, qmin, qmax, group_size=group_size)
+    eps = torch.finfo(x.dtype).eps
+    best = best_err = None
+    for r in ratios:
+        scale = torch.clamp(base * r, min=eps)
+        err = _group_sq_error(x, fake_quantize(x, scale, None, qmin, qmax, group_size=group_size), group_size)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def mse_tinygemm_qparams(
+    w: torch.Tensor, group_size: int, *, qmin: int = 0, qmax: int = 15, ratios=MSE_RATIOS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tinygemm_qparams` with each group's ``[min, max]`` shrunk about its centre by the factor
+    in ``ratios`` whose fake quant of ``w`` has the least squared error (first ratio wins ties).
+
+    Returns:
+        ``(scale, zero)`` both ``[N, K // group_size]`` in ``w.dtype``.
+    """
+    scale0, zero0 = tinygemm_qparams(w, group_size, qmin=qmin, qmax=qmax)
+    # zero dequantizes code ``mid``, half a step above the range's centre: keeping the centre while the
+    # step shrinks to ``r * scale0`` moves it by ``(1 - r) * scale0 / 2`` (exactly zero0 at r = 1).
+    offset = (qmax + qmin + 1) / 2 - (qmax - qmin) / 2
+    best = best_err = None
+    for r in ratios:
+        scale = torch.clamp(scale0 * r, min=1e-6)
+        zero = (zero0 - scale0 * ((1.0 - r) * offset)).to(w.dtype)
+        q = quantize_tinygemm(w, scale, zero, group_size, qmin=qmin, qmax=qmax)
+        err = _group_sq_error(w, dequantize_tinygemm(q, scale, zero, group_size, qmin=qmin, qmax=qmax),
+                              group_size)
+        if best is None:
+            best, best_err = (scale, zero), err
+        else:
+            better = err < best_err
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _group_sq_error(x: torch.Tensor, x_hat: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``sum((x_hat - x)^2)`` per group, in fp32: ``[..., K // g]``."""
+    return (group_view(x_hat.float() - x.float(), group_size) ** 2).sum(-1)
+
+
 def _round_add(u: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """``round(u) + zero_point`` (the integer code before clamping); no zero point: ``round(u)``."""
     r = torch.round(u)

@@ -11,7 +11,8 @@ then fake-quantize), ``qat.embeddings`` (also fake-quantize untied embeddings),
 ``qat.distill`` (train against a frozen teacher's next-token distribution: loss =
 ``kl_weight * T^2 KL(teacher || student) + ce_weight * CE``, the teacher being the model as loaded or
 ``qat.distill.teacher``), ``qat.learn_ranges`` (trainable per-group weight scales, LSQ, at
-``qat.ranges_lr``), ``qat.train_weights`` (false: ranges only) and the shared ``compile``. The
+``qat.ranges_lr``, starting at ``qat.ranges_init``: ``minmax`` or ``mse``), ``qat.train_weights``
+(false: ranges only) and the shared ``compile``. The
 checkpoint is a plain float state dict (plus ``qparams.safetensors`` with learned ranges);
 ``lowbit.json`` records ``qat_scheme`` / ``qat_group_size`` (and ``qat_embeddings``) so that
 ``lowbit eval`` converts it with the same config.
@@ -93,7 +94,8 @@ class QATRecipe(TrainingRecipe):
         if q.lora is not None:
             self._add_lora(model)
         try:
-            qat.prepare(model, self.scheme, embeddings=self.embeddings, learn_ranges=q.learn_ranges)
+            qat.prepare(model, self.scheme, embeddings=self.embeddings, learn_ranges=q.learn_ranges,
+                        ranges_init=q.ranges_init)
         except ValueError as e:
             raise ConfigError(f"config key 'qat.learn_ranges' in {origin(self.cfg, 'qat.learn_ranges')}: "
                               f"{e}") from None

@@ -26,6 +26,7 @@ from lowbit.float8.config import RECIPES as FLOAT8_RECIPES
 from lowbit.models.checkpoint import MODEL_NAMES
 from lowbit.models.presets import PRESETS
 from lowbit.qat.lora import LORA_TARGETS
+from lowbit.qat.modules import RANGE_INITS
 from lowbit.recipes.config import HIDDEN_KEYS, ConfigError, origin
 
 
@@ -127,6 +128,7 @@ class QATSection:
     freeze_embeddings: bool = False  # token embeddings (and a head tied to them) get no updates
     learn_ranges: bool = False  # trainable per-group weight scales (and 4w zeros), LSQ gradients
     ranges_lr: float | None = _f(None, min=0.0)  # learning rate of the learned qparams (null: optimizer lr)
+    ranges_init: str = _f("minmax", choices=RANGE_INITS)  # learned ranges start at min / max or the MSE range
     train_weights: bool = True  # false: only the learned qparams train (needs learn_ranges)
     lora: LoRASection | None = None  # null: full fine-tune; else adapters on frozen weights (merged on save)
 

@@ -2,8 +2,8 @@
 
 Bit-for-bit for 8da4w / 8w / 8da8w and the sub-4-bit schemes (8da3w, 8da2w, 3w, 2w); for 4w the CPU
 int4 kernel accumulates in its own order, so the bar is <= 1 bf16 ulp of the dot product's magnitude
-(it is bit-exact in bf16 in practice). The same holds with learned ranges: scales (and 4w zeros) moved
-away from their min / max values, some driven to zero or below.
+(it is bit-exact in bf16 in practice). The same holds with learned ranges (initialised at min / max or at
+the MSE range): scales (and 4w zeros) moved away from their initial values, some driven to zero or below.
 """
 
 import copy
@@ -33,12 +33,13 @@ def _perturb_ranges(mod: nn.Module, seed: int) -> None:
             mod.weight_zero.add_((torch.randn(s.shape, generator=g) * 0.1).to(s.dtype) * s.abs())
 
 
-def _run(scheme_name, group_size, dtype, batch, m, k, n, bias, small, seed, learn_ranges=False):
+def _run(scheme_name, group_size, dtype, batch, m, k, n, bias, small, seed, learn_ranges=False,
+         ranges_init="minmax"):
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias).to(dtype)
     x = torch.randn(*batch, m, k).to(dtype) * (0.002 if small else 1.0)
     model = nn.Sequential(lin)
-    qat.prepare(model, scheme_name, group_size=group_size, learn_ranges=learn_ranges)
+    qat.prepare(model, scheme_name, group_size=group_size, learn_ranges=learn_ranges, ranges_init=ranges_init)
     assert isinstance(model[0], qat.FakeQuantLinear)
     if learn_ranges:
         _perturb_ranges(model[0], seed)
@@ -79,16 +80,17 @@ def test_sub_4_bit_bit_exact(scheme, g, kg, n, **kw):
 
 @settings(max_examples=30, deadline=None)
 @given(scheme=st.sampled_from(["8da4w", "8da3w", "8da2w", "3w", "2w"]), g=st.sampled_from([16, 32, 64]),
-       kg=st.integers(1, 3), n=st.integers(1, 40), **shapes)
-def test_learned_ranges_bit_exact(scheme, g, kg, n, **kw):
-    _, _, y_fq, y_q = _run(scheme, g, k=g * kg, n=n, learn_ranges=True, **kw)
+       kg=st.integers(1, 3), n=st.integers(1, 40), init=st.sampled_from(["minmax", "mse"]), **shapes)
+def test_learned_ranges_bit_exact(scheme, g, kg, n, init, **kw):
+    _, _, y_fq, y_q = _run(scheme, g, k=g * kg, n=n, learn_ranges=True, ranges_init=init, **kw)
     assert torch.equal(y_fq, y_q)
 
 
 @settings(max_examples=15, deadline=None)
-@given(g=st.sampled_from([32, 64]), kg=st.integers(1, 2), n16=st.integers(1, 2), **shapes)
-def test_4w_learned_ranges_within_one_bf16_ulp(g, kg, n16, **kw):
-    x, mod, y_fq, y_q = _run("4w", g, k=g * kg, n=16 * n16, learn_ranges=True, **kw)
+@given(g=st.sampled_from([32, 64]), kg=st.integers(1, 2), n16=st.integers(1, 2),
+       init=st.sampled_from(["minmax", "mse"]), **shapes)
+def test_4w_learned_ranges_within_one_bf16_ulp(g, kg, n16, init, **kw):
+    x, mod, y_fq, y_q = _run("4w", g, k=g * kg, n=16 * n16, learn_ranges=True, ranges_init=init, **kw)
     mag = x.float().abs() @ mod.weight.detach().float().abs().t()
     assert ((y_fq.float() - y_q.float()).abs() <= bf16_ulp(mag)).all()
 

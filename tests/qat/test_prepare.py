@@ -70,6 +70,8 @@ def test_bad_input_errors():
         qat.get_scheme("8w", 32)
     with pytest.raises(ValueError, match="32, 64, 128"):
         qat.get_scheme("4w", 256)
+    with pytest.raises(ValueError, match="unknown ranges_init 'best'; choose one of minmax, mse"):
+        qat.prepare(Net(), "8da4w", group_size=32, learn_ranges=True, ranges_init="best")
     with pytest.raises(ValueError, match="never prepared"):
         qat.convert(Net())
     with pytest.raises(ValueError, match="no fake-quant modules"):

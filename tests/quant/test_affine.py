@@ -264,3 +264,63 @@ def test_fake_quantize_tinygemm_learned_values_and_gradients():
     assert torch.allclose(w.grad.double(), w64.grad, atol=1e-6)
     assert torch.allclose(scale.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
     assert torch.allclose(zero.grad.double(), z64.grad, rtol=1e-4, atol=1e-5)
+
+
+def _sym_error64(wg: torch.Tensor, scale: float, qmin: int, qmax: int) -> float:
+    """float64 squared error of symmetric fake quant of one group at ``scale``."""
+    w = wg.double()
+    q = torch.clamp(torch.round(w / scale), qmin, qmax)
+    return float(((q * scale - w) ** 2).sum())
+
+
+@settings(max_examples=15, deadline=None)
+@given(qrange=st.sampled_from([A.INT4, (-4, 3), (-2, 1)]), g=st.sampled_from([16, 32]),
+       rows=st.integers(1, 6), seed=st.integers(0, 2**16), heavy=st.booleans())
+def test_mse_symmetric_scale_is_the_best_candidate_per_group(qrange, g, rows, seed, heavy):
+    torch.manual_seed(seed)
+    w = torch.randn(rows, 2 * g)
+    if heavy:  # an outlier per row: min / max wastes most of the grid, the search should shrink
+        w[:, 0] *= 8
+    qmin, qmax = qrange
+    base = A.symmetric_scale(w, qmin, qmax, group_size=g)
+    got = A.mse_symmetric_scale(w, qmin, qmax, group_size=g)
+    assert got.shape == base.shape and got.dtype == w.dtype
+    for r in range(rows):
+        for j in range(2):
+            wg = w[r, j * g:(j + 1) * g]
+            cands = [float(base[r, j]) * ratio for ratio in A.MSE_RATIOS]
+            errs = [_sym_error64(wg, s, qmin, qmax) for s in cands]
+            err = _sym_error64(wg, float(got[r, j]), qmin, qmax)
+            assert any(abs(float(got[r, j]) - s) <= 1e-7 * s for s in cands)
+            assert err <= min(errs) * (1 + 1e-5) + 1e-12
+            assert err <= errs[0] * (1 + 1e-5) + 1e-12  # never worse than min / max
+
+
+def test_mse_qparams_with_only_ratio_one_are_the_min_max_qparams():
+    w = torch.randn(8, 64)
+    assert torch.equal(A.mse_symmetric_scale(w, -8, 7, group_size=32, ratios=(1.0,)),
+                       A.symmetric_scale(w, -8, 7, group_size=32))
+    s, z = A.mse_tinygemm_qparams(w, 32, ratios=(1.0,))
+    s0, z0 = A.tinygemm_qparams(w, 32)
+    assert torch.equal(s, s0) and torch.equal(z, z0)
+
+
+def test_mse_tinygemm_qparams_keep_the_centre_and_minimise_the_error():
+    torch.manual_seed(3)
+    w = torch.randn(5, 64)
+    w[:, 3] *= 6
+    s0, z0 = A.tinygemm_qparams(w, 32)
+    s, z = A.mse_tinygemm_qparams(w, 32)
+    # the range [zero - 8 s, zero + 7 s] keeps the min / max range's centre
+    assert torch.allclose(z - 0.5 * s, z0 - 0.5 * s0, atol=1e-6)
+    assert (s < s0).any()
+
+    def err64(scale, zero):
+        q = A.quantize_tinygemm(w, scale, zero, 32)
+        return ((A.dequantize_tinygemm(q, scale, zero, 32).double() - w.double()).view(5, 2, 32) ** 2).sum(-1)
+
+    best = err64(s, z)
+    assert (best <= err64(s0, z0) * (1 + 1e-6)).all()
+    for ratio in A.MSE_RATIOS:
+        sr = s0 * ratio
+        assert (best <= err64(sr, (z0 - 0.5 * (s0 - sr))) * (1 + 1e-5) + 1e-12).all()

@@ -90,6 +90,8 @@ def test_distill_and_ranges_bad_input(tmp_path):
     with pytest.raises(ConfigError, match=r"qat.group_size.*8da3w\(group_size=256\) cannot quantize .* "
                                           r"'layers.0.attn.q_proj' \(in_features 64"):
         run(QATRecipe, _cfg(tmp_path, "qat.scheme=8da3w", "qat.group_size=256", "overwrite=true"))
+    with pytest.raises(ConfigError, match="qat.ranges_init"):
+        QATRecipe(_cfg(tmp_path, "qat.ranges_init=minimum"))
     with pytest.raises(ConfigError, match="qat.distill.temperature"):
         QATRecipe(_cfg(tmp_path, "qat.distill={temperature: 0}"))
 
