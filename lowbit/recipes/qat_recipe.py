@@ -11,7 +11,8 @@ then fake-quantize), ``qat.embeddings`` (also fake-quantize untied embeddings),
 ``qat.distill`` (train against a frozen teacher's next-token distribution: loss =
 ``kl_weight * T^2 KL(teacher || student) + ce_weight * CE``, the teacher being the model as loaded or
 ``qat.distill.teacher``), ``qat.learn_ranges`` (trainable per-group weight scales, LSQ, at
-``qat.ranges_lr``, starting at ``qat.ranges_init``: ``minmax`` or ``mse``), ``qat.train_weights``
+``qat.ranges_lr``, starting at ``qat.ranges_init``: ``minmax``, ``mse`` or ``gptq`` on
+``qat.calibration_rows`` training rows), ``qat.train_weights``
 (false: ranges only) and the shared ``compile``. The
 checkpoint is a plain float state dict (plus ``qparams.safetensors`` with learned ranges);
 ``lowbit.json`` records ``qat_scheme`` / ``qat_group_size`` (and ``qat_embeddings``) so that
@@ -29,6 +30,7 @@ from lowbit import qat
 from lowbit.models.checkpoint import load_checkpoint
 from lowbit.models.presets import ModelArgs
 from lowbit.models.tokenizer import vocab_size_of
+from lowbit.qat.gptq import gptq_init
 from lowbit.qat.lora import ADAPTER_SUFFIXES, add_lora, merge_lora_state_dict
 from lowbit.qat.modules import QPARAM_NAMES
 from lowbit.quant.dtypes import DTYPE_NAMES
@@ -95,7 +97,7 @@ class QATRecipe(TrainingRecipe):
             self._add_lora(model)
         try:
             qat.prepare(model, self.scheme, embeddings=self.embeddings, learn_ranges=q.learn_ranges,
-                        ranges_init=q.ranges_init)
+                        ranges_init="mse" if q.ranges_init == "gptq" else q.ranges_init)
         except ValueError as e:
             raise ConfigError(f"config key 'qat.learn_ranges' in {origin(self.cfg, 'qat.learn_ranges')}: "
                               f"{e}") from None
@@ -108,6 +110,15 @@ class QATRecipe(TrainingRecipe):
                 f"cannot quantize {len(left)} linear layer(s), e.g. {name!r} (in_features {m.in_features}, "
                 f"out_features {m.out_features}); choose a group size that divides every layer's "
                 "in_features, or another scheme")
+        if q.ranges_init != "minmax" and not q.learn_ranges:
+            raise ConfigError(f"config key 'qat.ranges_init' in {origin(self.cfg, 'qat.ranges_init')}: "
+                              f"{q.ranges_init!r} initialises learned ranges; set qat.learn_ranges=true")
+        if q.ranges_init == "gptq":
+            if q.lora is not None:
+                raise ConfigError(f"config key 'qat.ranges_init' in {origin(self.cfg, 'qat.ranges_init')}: "
+                                  "'gptq' rewrites the base weights, which qat.lora freezes; use 'mse'")
+            gptq_init(model, self.rows[:q.calibration_rows, :-1].to(self.rt.device),
+                      batch_size=self.cfg.batch_size)
         if q.freeze_embeddings:
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Embedding):

@@ -128,7 +128,10 @@ class QATSection:
     freeze_embeddings: bool = False  # token embeddings (and a head tied to them) get no updates
     learn_ranges: bool = False  # trainable per-group weight scales (and 4w zeros), LSQ gradients
     ranges_lr: float | None = _f(None, min=0.0)  # learning rate of the learned qparams (null: optimizer lr)
-    ranges_init: str = _f("minmax", choices=RANGE_INITS)  # learned ranges start at min / max or the MSE range
+    # learned ranges start at min / max, the MSE range, or GPTQ's weights and ranges (calibrated on
+    # calibration_rows rows of the training data)
+    ranges_init: str = _f("minmax", choices=(*RANGE_INITS, "gptq"))
+    calibration_rows: int = _f(32, min=1)
     train_weights: bool = True  # false: only the learned qparams train (needs learn_ranges)
     lora: LoRASection | None = None  # null: full fine-tune; else adapters on frozen weights (merged on save)
 

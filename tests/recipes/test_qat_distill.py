@@ -82,6 +82,20 @@ def test_ranges_only_run_changes_only_the_scales_and_deploys_exactly(tmp_path):
     assert_deploys_exactly(prepared, model, meta, "8da4w")
 
 
+def test_gptq_initialised_run_deploys_exactly(tmp_path):
+    cfg = _cfg(tmp_path, "qat.learn_ranges=true", "qat.ranges_init=gptq", "qat.calibration_rows=4",
+               "qat.distill={}", "qat.scheme=8da4w", "qat.group_size=16")
+    recipe = run(QATRecipe, cfg)
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    model, _, meta = load_checkpoint(ckpt)
+    # GPTQ moved the float weights away from the teacher's (the model as loaded)
+    teacher = recipe.teacher.state_dict()
+    assert not torch.equal(teacher["layers.0.mlp.w1.weight"], model.state_dict()["layers.0.mlp.w1.weight"])
+    prepared = qat.prepare(load_checkpoint(ckpt)[0], "8da4w", group_size=16)
+    qat.load_learned_qparams(prepared, meta["qat_qparams"])
+    assert_deploys_exactly(prepared, model, meta, "8da4w")
+
+
 def test_distill_and_ranges_bad_input(tmp_path):
     with pytest.raises(ConfigError, match=r"qat.learn_ranges.*'8w' has no weight groups"):
         run(QATRecipe, _cfg(tmp_path, "qat.scheme=8w", "qat.group_size=null", "qat.learn_ranges=true"))
@@ -92,6 +106,12 @@ def test_distill_and_ranges_bad_input(tmp_path):
         run(QATRecipe, _cfg(tmp_path, "qat.scheme=8da3w", "qat.group_size=256", "overwrite=true"))
     with pytest.raises(ConfigError, match="qat.ranges_init"):
         QATRecipe(_cfg(tmp_path, "qat.ranges_init=minimum"))
+    with pytest.raises(ConfigError, match=r"qat.ranges_init.*'gptq' initialises learned ranges; set "
+                                          r"qat.learn_ranges=true"):
+        run(QATRecipe, _cfg(tmp_path, "qat.ranges_init=gptq", "overwrite=true"))
+    with pytest.raises(ConfigError, match="qat.ranges_init.*'gptq' rewrites the base weights"):
+        run(QATRecipe, _cfg(tmp_path, "qat.ranges_init=gptq", "qat.learn_ranges=true", "qat.lora={rank: 2}",
+                            "overwrite=true"))
     with pytest.raises(ConfigError, match="qat.distill.temperature"):
         QATRecipe(_cfg(tmp_path, "qat.distill={temperature: 0}"))
 
