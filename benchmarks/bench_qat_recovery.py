@@ -8,6 +8,9 @@ For each scheme (``--schemes 8da4w:32,4w:64,8da3w:32``) the arms are:
   embeddings frozen, optionally learned ranges), then deployed with the scheme its checkpoint records;
 - ``control``: ``finetune_recipe`` (config ``smollm2_135m_finetune``) in float with the same data,
   steps and optimizer, then PTQ: what fine-tuning without fake quant gives;
+- ``gptq``: lowbit's GPTQ alone (``qat.ranges_init=gptq`` on ``--calibration-rows`` rows of the training
+  text, no training), deployed like a QAT checkpoint: what the QAT arm starts from when the config
+  initialises its ranges with GPTQ; a stronger PTQ than ``ptq``'s round-to-nearest;
 - ``torchao``: torchao's own QAT (``QATConfig(base_config, step="prepare")`` on the same recipe, data,
   steps and optimizer; cross-entropy as torchao / torchtune's QAT recipe trains), then the same
   conversion (8da4w only: the peer's QAT for the other schemes is not a CPU config).
@@ -111,6 +114,25 @@ def train(kind: str, out: Path, scheme: str, g: int, a) -> tuple[Path, float, in
     return run_dir, seconds, recipe.step * a.batch_size * a.seq_len
 
 
+def gptq_deployed(float_model, tok, scheme: str, g: int, a):
+    """The float model with lowbit's GPTQ weights and ranges (the QAT recipe's ``ranges_init=gptq`` start,
+    on the same first ``--calibration-rows`` packed rows of the training text), deployed for inference."""
+    from lowbit import qat
+    from lowbit.data.loaders import pack_documents
+    from lowbit.data.real_text import SOURCES
+    from lowbit.qat.gptq import gptq_init
+
+    model = qat.prepare(copy.deepcopy(float_model), scheme, group_size=g, learn_ranges=True,
+                        ranges_init="mse")
+    rows = pack_documents(tok, SOURCES["package-docs"](), a.seq_len)[: a.calibration_rows, :-1]
+    gptq_init(model, rows, batch_size=a.batch_size)
+    meta = {"qat_scheme": scheme, "qat_group_size": g, "qat_embeddings": False,
+            "qat_qparams": qat.learned_qparams(model)}
+    deployed, used = prepare_for_inference(qat.unprepare(model), meta)
+    assert used == scheme, (used, scheme)
+    return deployed
+
+
 def recovered(rows: dict, arm: str, key: str) -> float | None:
     f, p, q = rows["float"][key], rows["ptq"][key], rows[arm][key]
     return None if math.isclose(p, f) else (p - q) / (p - f)
@@ -140,6 +162,7 @@ def main() -> None:
     ap.add_argument(
         "--kl-windows", type=int, default=8, help="512-token windows for perplexity / KL / top-1"
     )
+    ap.add_argument("--calibration-rows", type=int, default=32, help="gptq arm: training rows for GPTQ")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_runs/qat_recovery")
     a = ap.parse_args()
@@ -169,6 +192,12 @@ def main() -> None:
         rows["ptq"] = measure(f"PTQ {scheme} g{g}", ptq, tok, reference, windows, task_file)
         del ptq
         curve = [{"tokens": 0, "kl_mean": rows["ptq"]["kl_mean"], "ppl": rows["ptq"]["ppl"]}]
+        if "gptq" in arms:
+            t = time.perf_counter()
+            deployed = gptq_deployed(float_model, tok, scheme, g, a)
+            rows["gptq"] = measure(f"gptq {scheme} g{g}", deployed, tok, reference, windows, task_file,
+                                   train_seconds=time.perf_counter() - t, train_tokens=0)
+            del deployed
         for kind in [k for k in ("qat", "torchao", "control") if k in arms]:
             if kind == "torchao" and scheme != "8da4w":
                 continue
@@ -221,11 +250,11 @@ def main() -> None:
         print(f"== {spec}: recovered (PTQ - arm) / (PTQ - float)", flush=True)
         for arm, r in summary.items():
             extra = rows[arm]
-            print(
-                f"   {arm:8s} KL {r['kl_recovered']:+.1%}  perplexity {r['ppl_recovered']:+.1%}  "
-                f"({extra['train_tokens']} tokens, {extra['train_seconds'] / 60:.1f} min training)",
-                flush=True,
-            )
+            minutes = extra["train_seconds"] / 60
+            cost = (f"GPTQ on {a.calibration_rows} rows, {minutes:.1f} min" if arm == "gptq"
+                    else f"{extra['train_tokens']} tokens, {minutes:.1f} min training")
+            print(f"   {arm:8s} KL {r['kl_recovered']:+.1%}  perplexity {r['ppl_recovered']:+.1%}  ({cost})",
+                  flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     _plot(results, out / "recovery.png")
     print(f"wrote {out / 'results.json'} and {out / 'recovery.png'}")
@@ -246,7 +275,7 @@ def _plot(results: dict, path: Path) -> None:
                 "o-",
                 label=f"lowbit QAT {spec}",
             )
-        for arm, marker in (("control", "s"), ("torchao", "^")):
+        for arm, marker in (("gptq", "D"), ("control", "s"), ("torchao", "^")):
             if arm in r["rows"]:
                 ax.plot(
                     [r["rows"][arm]["train_tokens"]],
