@@ -58,6 +58,7 @@ def test_decode_matches_the_compiled_region_bit_for_bit_with_one_library(models)
     assert calls[0].last[2] is calls[1].last[2] and calls[0].last[2] is not False
 
 
+@pytest.mark.slow  # a second AOTInductor compile (~30 s on 2 cores)
 def test_new_cache_shape_gets_its_own_library(models):
     aot, region, _ = models
     libraries = aot.layers[0]._compiled_call_impl.libraries
