@@ -130,9 +130,10 @@ def report(result: dict) -> str:
                      f"{_recovered(rows, scheme, 'ppl')}")
     tokens = max((r.get("qat_tokens") or 0 for r in rows), default=0)
     lines += ["", f"Each QAT arm trained on {tokens:,} tokens (distillation from the float model, learned "
-              "ranges): a few seconds, so a glimpse, not the recovery a real budget buys. The full "
-              "measurement is `benchmarks/bench_qat_recovery.py` (about an hour on 2 cores: 131K tokens "
-              "per arm against torchao's QAT and a float fine-tune; figures in `benchmarks/RESULTS.md`).",
+              "ranges started from GPTQ on training text, which is most of each arm's time): a glimpse, "
+              "not the recovery a real budget buys. The full measurement is "
+              "`benchmarks/bench_qat_recovery.py` (about an hour on 2 cores: 123K tokens per arm against "
+              "GPTQ alone, torchao's QAT and a float fine-tune; figures in `benchmarks/RESULTS.md`).",
               "", "![SmolLM2 arms](smollm2.png)", ""]
     return "\n".join(lines)
 
