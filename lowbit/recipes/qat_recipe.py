@@ -117,8 +117,12 @@ class QATRecipe(TrainingRecipe):
             if q.lora is not None:
                 raise ConfigError(f"config key 'qat.ranges_init' in {origin(self.cfg, 'qat.ranges_init')}: "
                                   "'gptq' rewrites the base weights, which qat.lora freezes; use 'mse'")
-            gptq_init(model, self.rows[:q.calibration_rows, :-1].to(self.rt.device),
-                      batch_size=self.cfg.batch_size)
+            if self.cfg.resume and self.run.resume_from is not None:
+                log.info("qat_recipe: resuming, so GPTQ's start is skipped (the checkpoint holds the weights "
+                         "and ranges)")
+            else:
+                gptq_init(model, self.rows[:q.calibration_rows, :-1].to(self.rt.device),
+                          batch_size=self.cfg.batch_size)
         if q.freeze_embeddings:
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Embedding):

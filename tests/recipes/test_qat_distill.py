@@ -96,6 +96,22 @@ def test_gptq_initialised_run_deploys_exactly(tmp_path):
     assert_deploys_exactly(prepared, model, meta, "8da4w")
 
 
+def test_resumed_gptq_run_skips_gptq_and_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    import shutil
+
+    import lowbit.recipes.qat_recipe as qat_recipe
+
+    args = ("qat.learn_ranges=true", "qat.ranges_init=gptq", "qat.calibration_rows=4", "qat.distill={}",
+            "qat.scheme=8da4w", "qat.group_size=16", "max_steps=4", "checkpoint_every=2", "keep_last=2")
+    full = run(QATRecipe, _cfg(tmp_path, *args))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000004")
+    calls = []
+    monkeypatch.setattr(qat_recipe, "gptq_init", lambda *a, **k: calls.append(1))
+    resumed = run(QATRecipe, _cfg(tmp_path, *args, "resume=true"))
+    assert not calls  # the checkpoint's weights and ranges replace GPTQ's start anyway
+    assert resumed.losses == full.losses
+
+
 def test_distill_and_ranges_bad_input(tmp_path):
     with pytest.raises(ConfigError, match=r"qat.learn_ranges.*'8w' has no weight groups"):
         run(QATRecipe, _cfg(tmp_path, "qat.scheme=8w", "qat.group_size=null", "qat.learn_ranges=true"))
